@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transforms.io import atomic_path, atomic_torch_save, atomic_write_json
+
+
+def test_atomic_save_round_trip(tmp_path):
+    path = atomic_torch_save({"w": torch.arange(3.0)}, tmp_path / "ckpt.pt")
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["w"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path):
+    dest = atomic_write_json({"ok": 1}, tmp_path / "out.json")
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("{ half written")
+        raise RuntimeError("crash mid-write")
+    assert json.loads(dest.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
