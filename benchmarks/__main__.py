@@ -1,0 +1,53 @@
+"""``python -m benchmarks run [--quick] [--only NAME ...] [--out DIR] [--report FILE]``.
+
+Runs the benchmark modules (each in a subprocess), writes one JSON record per benchmark and regenerates the
+markdown report with its plots. ``python -m benchmarks list`` shows what is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.report import write_report
+from benchmarks.runner import BENCH_DIR, discover, run_all, run_one
+from transforms.io import atomic_write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run benchmarks and regenerate the report")
+    run_p.add_argument("--quick", action="store_true", help="small sizes, few repeats (a few minutes in all)")
+    run_p.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    run_p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    run_p.add_argument("--report", type=Path, default=None, help="markdown report (default benchmarks/RESULTS.md)")
+    sub.add_parser("list", help="list available benchmarks")
+    one = sub.add_parser("_one", help=argparse.SUPPRESS)
+    one.add_argument("name")
+    one.add_argument("module")
+    one.add_argument("record")
+    one.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        print(json.dumps(discover(), indent=2))
+        return 0
+    if args.command == "_one":
+        atomic_write_json(run_one(args.name, args.module, args.quick), args.record)
+        return 0
+    out = args.out or BENCH_DIR / "results"
+    report = args.report or (BENCH_DIR / "RESULTS.md" if args.out is None else out / "RESULTS.md")
+    try:
+        run_all(out, quick=args.quick, only=args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    path = write_report(out, report)
+    print(f"[benchmarks] report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

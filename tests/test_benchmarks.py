@@ -1,0 +1,53 @@
+"""The benchmark runner produces well-formed records and a report (timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from benchmarks.report import write_report
+from benchmarks.runner import discover
+from data_prep.shared import REPO_ROOT
+
+
+def test_every_benchmark_module_is_discovered():
+    found = discover()
+    assert next(iter(found)) == "hardware"
+    for name, module in found.items():
+        assert module.startswith("benchmarks.") and name
+
+
+def test_quick_run_writes_records_and_report(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "hardware", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "hardware.json").read_text())
+    assert record["quick"] is True and "error" not in record
+    assert {"cpu", "torch", "monai", "git_commit"} <= set(record["environment"])
+    units = {f["unit"] for f in record["figures"]}
+    assert units == {"GFLOP/s"} and all(f["value"] > 0 for f in record["figures"])
+    report = (out / "RESULTS.md").read_text()
+    assert report.startswith("# Benchmark results") and "## Summary" in report and "## hardware" in report
+    assert re.search(r"\| matmul \d+x\d+ fp32 \| [\d.,]+ \|", report)
+
+
+def test_report_summary_ratios_and_plots(tmp_path):
+    from benchmarks.timing import figure
+
+    figs = [
+        figure("fwd", 2.0, "s", reference=8.0, reference_label="official", plot={"id": "t", "x": 1, "series": "a"}),
+        figure("fwd2", 3.0, "s", plot={"id": "t", "x": 2, "series": "a"}),
+    ]
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "x.json").write_text(json.dumps({"name": "x", "figures": figs, "environment": {}}))
+    report = write_report(tmp_path / "res", tmp_path / "R.md").read_text()
+    assert "| fwd | 2.000 s | 8.000 s | 0.250× | official |" in report
+    assert (tmp_path / "plots" / "t.png").stat().st_size > 1000
