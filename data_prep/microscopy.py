@@ -1,0 +1,316 @@
+"""Tile multi-channel fluorescence fields stored one file per channel, with a field-level split.
+
+A *field* is one microscope field of view; each channel is a separate 2D image file (TIFF, PNG). Files are
+grouped into fields by folder and by name, using a regular expression on the file stem with named groups
+``field`` (optional) and ``channel``. The default ``^(?:(?P<field>.+)_)?(?P<channel>[^_]+)$`` handles both
+
+- ``fly/POS002_dapi.tif, fly/POS002_fitc.tif, fly/POS076_dapi.tif, ...`` -> fields ``fly/POS002``, ``fly/POS076``;
+- ``human/dna.tif, human/ph3.tif, human/cellbody.tif`` (one folder = one field) -> field ``human``.
+
+Every field must have every selected channel, all of the same 2D shape. Each field is cut into tiles of
+``tile_size`` (stride ``stride``; the last row/column is aligned to the border so the whole field is covered),
+written as TIFF (dtype kept) to ``OUT/<key>/<field>_y<row>_x<col>.tif``, and listed in ``OUT/datalist.json``.
+Tiles of one field always share a split (neighbouring tiles are correlated), so the split is by field; fields
+may also be assigned explicitly (``--val-fields``, ``--test-fields``).
+
+Run ``python -m data_prep.microscopy ROOT --out OUT --tile-size 256 [--channels dapi fitc rhodamine]
+[--rename dapi=nuclei] [--test-fields fly/POS076]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from data_prep._common import add_split_args, atomic_folder
+from data_prep.datalist import SPLITS, assign_splits, read_datalist, write_datalist
+
+__all__ = ["DEFAULT_PATTERN", "convert", "find_fields", "main", "tile_positions"]
+
+DEFAULT_PATTERN = r"^(?:(?P<field>.+)_)?(?P<channel>[^_]+)$"
+CONVERTER_ID = "data_prep.microscopy"
+_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def find_fields(root: str | os.PathLike, pattern: str = DEFAULT_PATTERN) -> dict[str, dict[str, Path]]:
+    """Group the channel files under ``root`` (recursively) into fields.
+
+    Args:
+        root: folder to scan.
+        pattern: regex on the file stem with named groups ``channel`` and optionally ``field``.
+
+    Returns:
+        ``{field_id: {channel: path}}`` sorted by field id; ``field_id`` is the folder path relative to ``root``
+        joined with the ``field`` group when present (files directly in ``root``: the ``field`` group, or the
+        root's name).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: bad pattern, a channel given twice in a field, or no image file found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"microscopy folder not found: {root}")
+    regex = re.compile(pattern)
+    if "channel" not in regex.groupindex:
+        raise ValueError(f"pattern {pattern!r} needs a named group 'channel'")
+    fields: dict[str, dict[str, Path]] = {}
+    unmatched = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.startswith(".") or not path.name.lower().endswith(_SUFFIXES):
+            continue
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        stem = path.name[: -len(path.suffix)]
+        m = regex.match(stem)
+        if m is None:
+            unmatched.append(str(path))
+            continue
+        folder = path.parent.relative_to(root).as_posix()
+        field = m.groupdict().get("field")
+        if folder == ".":
+            field_id = field or root.resolve().name
+        else:
+            field_id = f"{folder}/{field}" if field else folder
+        channel = m.group("channel")
+        channels = fields.setdefault(field_id, {})
+        if channel in channels:
+            raise ValueError(f"field {field_id!r}: channel {channel!r} given twice ({channels[channel]}, {path})")
+        channels[channel] = path
+    if not fields:
+        extra = f" ({len(unmatched)} files did not match {pattern!r})" if unmatched else ""
+        raise ValueError(f"{root}: no channel image (.tif/.tiff/.png) found{extra}")
+    return dict(sorted(fields.items()))
+
+
+def tile_positions(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with windows of ``tile`` every ``stride`` (last one at the border).
+
+    Args:
+        length: image side.
+        tile: window side (<= length).
+        stride: step (>= 1).
+
+    Returns:
+        Sorted unique offsets.
+    """
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        if path.name.lower().endswith((".tif", ".tiff")):
+            arr = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+    except Exception as err:
+        raise ValueError(f"unreadable or truncated image file {path}: {type(err).__name__}: {err}") from err
+    if arr.size == 0:
+        raise ValueError(f"unreadable or truncated image file {path}: no pixel data")
+    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    if arr.ndim != 2 and not rgb:
+        raise ValueError(f"{path}: expected a 2D single-channel (or RGB) image, got an array of shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError(f"{path}: contains NaN or Inf values; expected finite intensities")
+    return arr
+
+
+def _is_ours(folder: Path) -> bool:
+    try:
+        return read_datalist(folder / "datalist.json").get("converter") == CONVERTER_ID
+    except (OSError, ValueError):
+        return False
+
+
+def convert(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tile_size: int = 256,
+    stride: int | None = None,
+    channels: Sequence[str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    pattern: str = DEFAULT_PATTERN,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    val_fields: Sequence[str] = (),
+    test_fields: Sequence[str] = (),
+    min_std: float = 0.0,
+) -> Path:
+    """Tile every field and write tiles plus a datalist (atomically: nothing is left behind on error).
+
+    Args:
+        root: folder with the channel files.
+        out_dir: output folder (created; replaced only if empty or written by this converter).
+        tile_size: tile side in pixels.
+        stride: step between tiles (default ``tile_size``: no overlap).
+        channels: channels to keep (default: the channels of the first field); every field must have them.
+        rename: channel -> datalist key (e.g. ``{"dna": "nuclei"}``); other channels keep their name.
+        pattern: file-stem regex (see :func:`find_fields`).
+        val_fraction: fraction of fields for validation (random, unless fields are given explicitly).
+        test_fraction: fraction of fields for test.
+        seed: split seed.
+        val_fields: fields forced into validation.
+        test_fields: fields forced into test.
+        min_std: skip tiles whose first channel has a standard deviation below this (empty background).
+
+    Returns:
+        Path of ``OUT/datalist.json``.
+
+    Raises:
+        FileNotFoundError: missing root.
+        ValueError: missing channels, shape mismatch within a field, 3D or unreadable images, field smaller than
+            the tile, unknown explicit fields, bad sizes.
+        FileExistsError: ``out_dir`` holds something else.
+    """
+    if tile_size < 1 or (stride is not None and stride < 1):
+        raise ValueError(f"tile_size and stride must be positive, got {tile_size}, {stride}")
+    stride = stride or tile_size
+    fields = find_fields(root, pattern)
+    channels = list(channels) if channels else sorted(next(iter(fields.values())))
+    rename = dict(rename or {})
+    unknown_rename = sorted(set(rename) - set(channels))
+    if unknown_rename:
+        raise ValueError(f"--rename names channels that are not selected: {unknown_rename} (channels {channels})")
+    keys = [rename.get(c, c) for c in channels]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"datalist keys are not unique after renaming: {keys}")
+    problems = [
+        f"{f}: missing {sorted(set(channels) - set(ch))}" for f, ch in fields.items() if set(channels) - set(ch)
+    ]
+    if problems:
+        raise ValueError(f"fields lack channels {channels}: " + "; ".join(problems))
+    forced = {**dict.fromkeys(val_fields, "validation"), **dict.fromkeys(test_fields, "test")}
+    unknown = sorted(set(forced) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; fields are {sorted(fields)}")
+    # read and check everything before writing anything
+    images: dict[str, dict[str, np.ndarray]] = {}
+    for field, files in fields.items():
+        arrays = {c: _read(files[c]) for c in channels}
+        shapes = {c: a.shape[:2] for c, a in arrays.items()}
+        if len(set(shapes.values())) > 1:
+            desc = ", ".join(f"{c}: {files[c].name} {s}" for c, s in shapes.items())
+            raise ValueError(f"field {field!r}: channels have different shapes ({desc})")
+        h, w = next(iter(shapes.values()))
+        if h < tile_size or w < tile_size:
+            raise ValueError(f"field {field!r} ({h}x{w}) is smaller than the tile size {tile_size}")
+        images[field] = arrays
+    free = [f for f in fields if f not in forced]
+    split_of = dict(assign_splits(free, val_fraction, test_fraction, seed)) if free else {}
+    split_of.update(forced)
+    datalist: dict[str, Any] = {
+        "name": Path(root).resolve().name,
+        "description": "fluorescence tiles cut by data_prep.microscopy (field-level split)",
+        "converter": CONVERTER_ID,
+        "modalities": keys,
+        "channels": dict(zip(keys, channels)),
+        "tile_size": tile_size,
+        "stride": stride,
+        "split_unit": "field",
+        "fields": {s: sorted(f for f in fields if split_of[f] == s) for s in SPLITS},
+        "tensorImageSize": "2D",
+        **{s: [] for s in SPLITS},
+    }
+    with atomic_folder(out_dir, _is_ours) as tmp:
+        for key in keys:
+            (tmp / key).mkdir()
+        for field, arrays in images.items():
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", field)
+            h, w = arrays[channels[0]].shape[:2]
+            for y in tile_positions(h, tile_size, stride):
+                for x in tile_positions(w, tile_size, stride):
+                    if min_std > 0 and arrays[channels[0]][y : y + tile_size, x : x + tile_size].std() < min_std:
+                        continue
+                    tid = f"{slug}_y{y:05d}_x{x:05d}"
+                    item: dict[str, Any] = {"id": tid}
+                    for c, key in zip(channels, keys):
+                        rel = f"{key}/{tid}.tif"
+                        tifffile.imwrite(
+                            tmp / rel, np.ascontiguousarray(arrays[c][y : y + tile_size, x : x + tile_size])
+                        )
+                        item[key] = rel
+                    item.update({"field": field, "y": y, "x": x})
+                    datalist[split_of[field]].append(item)
+        write_datalist(datalist, tmp / "datalist.json")
+    return Path(out_dir) / "datalist.json"
+
+
+def _parse_rename(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise ValueError(f"--rename expects OLD=NEW, got {v!r}")
+        old, new = v.split("=", 1)
+        out[old] = new
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m data_prep.microscopy``).
+
+    Args:
+        argv: arguments (defaults to ``sys.argv[1:]``).
+
+    Returns:
+        Process exit status.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.microscopy",
+        description="Cut fluorescence fields stored one file per channel (e.g. POS002_dapi.tif or one folder per "
+        "field with dna.tif, ph3.tif) into tiles with a field-level training/validation/test split and a MONAI "
+        "datalist.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("root", help="folder with the channel files (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder for tiles and datalist.json")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: tile size)")
+    parser.add_argument(
+        "--channels", nargs="+", default=None, help="channels to keep (default: all of the first field)"
+    )
+    parser.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW", help="rename channels to datalist keys")
+    parser.add_argument("--pattern", default=DEFAULT_PATTERN, help="regex on file stems with groups field, channel")
+    parser.add_argument("--val-fields", nargs="+", default=[], help="fields forced into validation")
+    parser.add_argument("--test-fields", nargs="+", default=[], help="fields forced into test")
+    parser.add_argument("--min-std", type=float, default=0.0, help="skip tiles whose first channel std is below this")
+    add_split_args(parser, "fields")
+    args = parser.parse_args(argv)
+    try:
+        path = convert(
+            args.root,
+            args.out,
+            tile_size=args.tile_size,
+            stride=args.stride,
+            channels=args.channels,
+            rename=_parse_rename(args.rename),
+            pattern=args.pattern,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            val_fields=args.val_fields,
+            test_fields=args.test_fields,
+            min_std=args.min_std,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"error: {err}\n")
+    data = read_datalist(path)
+    print(f"wrote {path}: " + ", ".join(f"{s}={len(data[s])} tiles ({len(data['fields'][s])} fields)" for s in SPLITS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
