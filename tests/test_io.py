@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ def test_atomic_save_round_trip(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["w"], torch.arange(3.0))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_failed_write_leaves_previous_file_intact(tmp_path):
