@@ -1,0 +1,103 @@
+"""DRDM forward process: time of one draw ``q_sample``, binary exponentiation vs the official sequential loop,
+and peak memory of one 3D draw (issue §7).
+
+Official reference (spec drdm.md §1.3): about 5.52 s for one 3D 128³ forward at t = 79 (B = 1, one CPU core,
+up to 200 sequential compositions on the 64³ lattice) and about 0.3 s for 2D 256² with B = 8.
+
+Run: ``python -m benchmarks.drdm_forward [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.memory import peak_memory_mb
+from benchmarks.timing import figure, time_call
+from drdm.diffusion import DeformationDiffusion
+
+__all__ = ["NAME", "run"]
+
+NAME = "drdm_forward"
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Measure forward-process timings (and, unless ``quick``, 3D peak memory).
+
+    Args:
+        quick: small subset (2D 256² and 3D 64³ at t = 79), well under a minute.
+
+    Returns:
+        Figures.
+    """
+    figures: list[dict] = []
+    threads = torch.get_num_threads()
+    cases = [((256, 256), 8, [79]), ((64, 64, 64), 1, [79])]
+    if not quick:
+        cases = [((256, 256), 8, [16, 48, 79]), ((64, 64, 64), 1, [16, 48, 79]), ((128, 128, 128), 1, [16, 48, 79])]
+    for shape, batch, levels in cases:
+        image = torch.rand(batch, 1, *shape)
+        label = "x".join(str(s) for s in shape)
+        for t in levels:
+            for method in ("binary", "sequential"):
+                diffusion = DeformationDiffusion(power_method=method)
+                gen = torch.Generator().manual_seed(0)
+                slow = method == "sequential" and len(shape) == 3
+                median, spread = time_call(
+                    lambda d=diffusion, g=gen, tt=t, im=image: d.q_sample(im, tt, g),
+                    warmup=0 if slow else 1,
+                    repeat=1 if (slow or quick) else 3,
+                )
+                ref, ref_label = None, None
+                if shape == (128, 128, 128) and t == 79:
+                    ref, ref_label = 5.52, "official DeformDDPM forward, 3D 128^3, t=79, 1 CPU core"
+                if shape == (256, 256) and t == 79:
+                    ref, ref_label = 0.3, "official forward, 2D 256^2, B=8, 1 CPU core (approx.)"
+                n_cum, n_step = diffusion.step_counts(t)
+                figures.append(
+                    figure(
+                        f"drdm forward {len(shape)}D {label} B={batch} t={t} ({method})",
+                        median,
+                        "s",
+                        spread=spread,
+                        reference=ref,
+                        reference_label=ref_label,
+                        shape=list(shape),
+                        batch=batch,
+                        t=t,
+                        method=method,
+                        compositions_cumulative=int(n_cum),
+                        compositions_step=int(n_step),
+                        threads=threads,
+                    )
+                )
+    if not quick:
+        image = torch.rand(1, 1, 128, 128, 128)
+        for method in ("binary", "sequential"):
+            diffusion = DeformationDiffusion(power_method=method)
+            diffusion.q_sample(image, 1)  # warm caches so only the draw's own memory is counted
+            peak = peak_memory_mb(lambda d=diffusion: d.q_sample(image, 79))
+            figures.append(
+                figure(
+                    f"drdm forward 3D 128x128x128 t=79 peak memory ({method})",
+                    peak,
+                    "MiB",
+                    method=method,
+                    note="RSS growth of a forked child running one q_sample (benchmarks.memory.peak_memory_mb)",
+                )
+            )
+    return figures
+
+
+def main() -> None:
+    """Print the figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(quick=args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()
