@@ -1,0 +1,188 @@
+"""Stage 2: the latent DAMM diffusion trainer (ignite/MONAI).
+
+Each iteration draws ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``, noises the cached target latent with the training
+``DDPMScheduler`` (through the inferer), runs both branches of the denoiser on ``[x_t, z_anchor, z_aux...]`` and
+applies :class:`damm.losses.DAMMLoss`: the joint warm-up for the first ``divergence_aware_start_iteration``
+iterations, then the divergence-aware phase (spec ``damm.md`` §3.2, switched by iteration rather than epoch).
+The output holds the total loss and both branch losses, the mean confidence, the label rate and the fraction of
+samples gated to the multi-modal branch, for ``StatsHandler``/``TensorBoardStatsHandler``; their epoch means are
+attached as ignite metrics (``epoch_<name>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Average, Metric
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from torch import nn
+
+__all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
+
+#: Keys of the trainer output that are also averaged per epoch.
+LOGGED_KEYS = (
+    "loss",
+    "loss_uni",
+    "loss_multi",
+    "confidence_mean",
+    "label_rate",
+    "gated_multi_fraction",
+    "loss_confidence",
+)
+
+
+class ForwardAll(nn.Module):
+    """Adapter whose ``forward`` is the denoiser's ``forward_all`` (so ``DistributedDataParallel`` can wrap it).
+
+    Args:
+        denoiser: a ``DAMMDenoiser``.
+    """
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, use_uncertainty: bool = True) -> Any:
+        """``denoiser.forward_all(x, timesteps, use_uncertainty)``.
+
+        Args:
+            x: ``cat([x_t, z_anchor, z_aux...], dim=1)``.
+            timesteps: ``[B]``.
+            use_uncertainty: UAFM uses ``u``.
+
+        Returns:
+            The ``DAMMOutput``.
+        """
+        return self.denoiser.forward_all(x, timesteps, use_uncertainty=use_uncertainty)
+
+
+class DAMMDiffusionTrainer(Trainer):
+    """Trainer of the DAMM denoiser on cached, scaled latents.
+
+    Args:
+        device: training device.
+        max_epochs: epochs to train.
+        train_data_loader: yields dicts of scaled latents, one per modality (see ``LatentCacheDataset``).
+        network: the ``DAMMDenoiser`` (or ``DistributedDataParallel(ForwardAll(denoiser))`` under DDP).
+        optimizer: optimiser of the denoiser (AdamW in the paper).
+        loss_function: :class:`damm.losses.DAMMLoss`.
+        inferer: :class:`damm.inferers.DAMMInferer` (owns the training ``DDPMScheduler``).
+        target_key: the target modality.
+        condition_keys: the condition modalities, anchor first.
+        divergence_aware_start_iteration: warm-up length in iterations; afterwards the divergence-aware phase.
+        grad_clip_norm: optional gradient-norm clipping (the paper has none).
+        epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
+        metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate: as for MONAI's trainers.
+
+    Raises:
+        ValueError: for an empty ``condition_keys`` or a negative start iteration.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        inferer: Any,
+        target_key: str = "np_signal",
+        condition_keys: Sequence[str] = ("vessel", "nuclei"),
+        divergence_aware_start_iteration: int = 0,
+        grad_clip_norm: float | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        iteration_update: Callable[[Engine, Any], Any] | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+        )
+        if not condition_keys:
+            raise ValueError("DAMMDiffusionTrainer: condition_keys must name at least the anchor modality")
+        if int(divergence_aware_start_iteration) < 0:
+            raise ValueError(
+                f"DAMMDiffusionTrainer: divergence_aware_start_iteration must be >= 0, got "
+                f"{divergence_aware_start_iteration}"
+            )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.inferer = inferer
+        self.target_key = target_key
+        self.condition_keys = list(condition_keys)
+        self.divergence_aware_start_iteration = int(divergence_aware_start_iteration)
+        self.grad_clip_norm = grad_clip_norm
+        for key in LOGGED_KEYS:
+            Average(output_transform=lambda out, key=key: out[key]).attach(self, f"epoch_{key}")
+
+    def divergence_aware(self, iteration: int) -> bool:
+        """Whether a (1-based) iteration is in the divergence-aware phase.
+
+        Args:
+            iteration: the engine's iteration counter during the step.
+
+        Returns:
+            ``iteration > divergence_aware_start_iteration``.
+        """
+        return iteration > self.divergence_aware_start_iteration
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        device = engine.state.device
+        keys = [self.target_key, *self.condition_keys]
+        missing = [k for k in keys if k not in batchdata]
+        if missing:
+            raise KeyError(f"DAMMDiffusionTrainer: batch lacks latents {missing}; keys: {sorted(batchdata)}")
+        z0 = torch.as_tensor(batchdata[self.target_key]).to(device, non_blocking=self.non_blocking).float()
+        conds = [torch.as_tensor(batchdata[k]).to(device).float() for k in self.condition_keys]
+        noise = torch.randn_like(z0)
+        n_steps = int(self.inferer.scheduler.num_train_timesteps)
+        timesteps = torch.randint(0, n_steps, (z0.shape[0],), device=device, dtype=torch.long)
+        phase_b = self.divergence_aware(engine.state.iteration)
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.inferer.noise_prediction(self.network, z0, conds, noise, timesteps, use_uncertainty=phase_b)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss, logs = self.loss_function(output, noise, divergence_aware=phase_b)
+        if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
+            # DDP needs every output in the graph of the loss: the confidence (unused in the warm-up) and the
+            # gated prediction join with weight 0, so their parameters get zero gradients instead of none
+            loss = loss + 0.0 * sum(t.float().sum() for t in (output.confidence_map, output.eps))
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), float(self.grad_clip_norm))
+        self.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        result: dict[str, Any] = {k: float(v) for k, v in logs.items()}
+        result["loss"] = float(loss.detach())
+        result["divergence_aware"] = float(phase_b)
+        return result

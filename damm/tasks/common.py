@@ -1,0 +1,249 @@
+"""Pieces shared by the real-data tasks: predictors, a wall-clock training budget, intensity references.
+
+- :class:`DAMMPredictor` / :class:`AutoencoderCeiling`: the callables the whole-volume (BraTS) and whole-field
+  (microscopy) inference code calls on a batch of stacked condition images ``[B, n_cond, H, W]`` in ``[-1, 1]``;
+  the UNet baseline (:mod:`damm.tasks.baseline`) has the same interface.
+- :class:`TimeBudget`: ignite handler that ends a training run after a wall-clock budget (config entries
+  ``ae_time_budget_s`` / ``dm_time_budget_s`` of the task overlays), so models can be compared at equal cost.
+- :func:`write_intensity_reference` / :func:`read_intensity_reference`: the target modality's typical intensity
+  range, measured on the training data, used to map a prediction back to the input scale when the true target is
+  absent (the missing-modality case).
+- :class:`ItemsToTensord`: the "preprocessing" of in-memory slice/tile items (they are already normalised).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import MapTransform
+
+from transforms.io import atomic_write_json
+
+__all__ = [
+    "AutoencoderCeiling",
+    "DAMMPredictor",
+    "ItemsToTensord",
+    "TimeBudget",
+    "read_intensity_reference",
+    "write_intensity_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ItemsToTensord(MapTransform):
+    """Turn the images of an in-memory item into float32 ``torch.Tensor`` copies (no resampling, no scaling).
+
+    Args:
+        keys: image keys.
+        allow_missing_keys: skip keys absent from the item (e.g. the target at inference).
+    """
+
+    def __init__(self, keys: Sequence[str], allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Convert the keys.
+
+        Args:
+            data: item dict.
+
+        Returns:
+            A new dict.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+            d[key] = x.float().clone()
+        return d
+
+
+class TimeBudget:
+    """Stop an ignite engine once ``seconds`` of wall-clock time have passed since its start.
+
+    The check runs after every iteration; the engine then ends normally (``COMPLETED`` fires), so the stage's
+    export still runs. ``None`` or ``<= 0`` disables the budget.
+
+    Args:
+        seconds: the budget.
+        name: for the log message.
+    """
+
+    def __init__(self, seconds: float | None, name: str = "training") -> None:
+        self.seconds = None if seconds is None or float(seconds) <= 0 else float(seconds)
+        self.name = name
+        self._start = 0.0
+        self.stopped_at_iteration: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine`` (called by MONAI trainers for every train handler).
+
+        Args:
+            engine: the trainer.
+        """
+        if self.seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def _check(self, engine: Engine) -> None:
+        if time.perf_counter() - self._start >= self.seconds:
+            self.stopped_at_iteration = int(engine.state.iteration)
+            logger.info(
+                f"{self.name}: time budget of {self.seconds:.0f} s reached at iteration {engine.state.iteration}"
+            )
+            engine.terminate()
+
+
+class DAMMPredictor:
+    """Callable ``[B, n_cond, H, W] -> [B, C, H, W]`` running a :class:`damm.inferers.DAMMInferer`.
+
+    Every call uses the inferer's seed plus the number of previous calls, so the windows of a sliding-window run
+    get different (but reproducible) noise. The branch statistics of every call are kept for the sidecar.
+
+    Args:
+        model: :class:`damm.workflow.DAMMModel`.
+        inferer: the sampler (its branch / steps / K / seed are used).
+    """
+
+    def __init__(self, model: Any, inferer: Any) -> None:
+        self.model = model
+        self.inferer = inferer
+        self.calls = 0
+        self.statistics: list[dict[str, Any]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sample the target for a batch of stacked condition images.
+
+        Args:
+            x: ``[B, n_cond, H, W]`` in ``[-1, 1]`` (anchor first).
+
+        Returns:
+            The prediction ``[B, C, H, W]`` (mean of the K samples), on ``x``'s device.
+        """
+        inf = self.inferer
+        if inf.seed is not None and self.calls:
+            inf = inf.replace(seed=int(inf.seed) + self.calls)
+        self.calls += 1
+        out = inf.sample(x, self.model)
+        self.statistics.extend(out.statistics())
+        return out.prediction.to(x.device)
+
+    def summary(self) -> dict[str, Any]:
+        """Branch statistics over every input seen so far.
+
+        Returns:
+            ``{"inputs", "multi_step_fraction", "gated_multi_fraction", "confidence_mean"}`` (means).
+        """
+        out: dict[str, Any] = {"inputs": len(self.statistics)}
+        for key in ("multi_step_fraction", "gated_multi_fraction", "confidence_mean"):
+            vals = [s[key] for s in self.statistics if key in s]
+            if vals:
+                out[key] = float(np.mean(vals))
+        return out
+
+
+class AutoencoderCeiling:
+    """Callable returning the target autoencoder's reconstruction of the *true* target (the upper bound).
+
+    It ignores the conditions it is given and reconstructs ``target`` images set with :meth:`set_target`
+    (stacked in the same order), so it runs through the same whole-volume / whole-field machinery.
+
+    Args:
+        autoencoder: the target's ``LatentAutoencoder``.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, batch_size: int = 32) -> None:
+        self.autoencoder = autoencoder
+        self.batch_size = int(batch_size)
+
+    @torch.no_grad()
+    def __call__(self, target: torch.Tensor) -> torch.Tensor:
+        """Reconstruct target images.
+
+        Args:
+            target: ``[B, 1, H, W]`` true target in ``[-1, 1]``.
+
+        Returns:
+            ``decode(encode(target))``, same shape and device.
+        """
+        ae = self.autoencoder
+        was = ae.training
+        ae.eval()
+        device = next(ae.parameters()).device
+        try:
+            outs = [
+                ae.decode(ae.encode(target[s : s + self.batch_size].to(device).float())).float()
+                for s in range(0, target.shape[0], self.batch_size)
+            ]
+        finally:
+            ae.train(was)
+        return torch.cat(outs).to(target.device)
+
+
+def write_intensity_reference(path: str | Path, modality: str, params: Sequence[Mapping[str, Any]]) -> Path:
+    """Store the mean normalisation range of ``modality`` over training volumes / fields.
+
+    Args:
+        path: JSON file.
+        modality: the target modality.
+        params: the normalisation parameters (``lower``/``upper``) of each training volume or field.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: no parameters.
+    """
+    if not params:
+        raise ValueError(f"write_intensity_reference: no normalisation parameters for {modality!r}")
+    rec = {
+        "modality": modality,
+        "lower": float(np.mean([float(p["lower"]) for p in params])),
+        "upper": float(np.mean([float(p["upper"]) for p in params])),
+        "n": len(params),
+        "description": "mean robust intensity range of the target over the training data; maps predictions back to "
+        "the input scale when the true target is absent",
+    }
+    return atomic_write_json(rec, path)
+
+
+def read_intensity_reference(path: str | Path, modality: str) -> dict[str, float]:
+    """Read a reference written by :func:`write_intensity_reference`.
+
+    Args:
+        path: JSON file.
+        modality: expected modality.
+
+    Returns:
+        ``{"lower", "upper"}``.
+
+    Raises:
+        FileNotFoundError: the file is missing (train the task first, or give the range explicitly).
+        ValueError: the file is for another modality or malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"intensity reference '{path}' not found: it is written when the task's training data is prepared; "
+            "train first or pass the output intensity range explicitly"
+        )
+    rec = json.loads(path.read_text())
+    if rec.get("modality") != modality:
+        raise ValueError(f"intensity reference {path} is for {rec.get('modality')!r}, not {modality!r}")
+    if not float(rec["upper"]) > float(rec["lower"]):
+        raise ValueError(f"intensity reference {path}: upper must exceed lower, got {rec}")
+    return {"lower": float(rec["lower"]), "upper": float(rec["upper"])}

@@ -1,0 +1,220 @@
+"""Missing-modality command: synthesise a subject's absent MRI modality with a trained BraTS task bundle.
+
+``python -m damm.tasks.impute SUBJECT_DIR [--bundle-root DIR] [--output-dir DIR] [--steps N] [--seed S]``
+
+The subject folder may use any naming scheme of :mod:`data_prep.brats` (BraTS 2021 ``*_t1ce``, BraTS 2023
+``*-t2f``, plain ``flair.nii.gz``); the result is written under that scheme's file name for the target modality,
+beside the other files (or into ``--output-dir``), as NIfTI on the subject's own voxel grid, with a JSON sidecar
+(``<name>.json``: model checkpoint and hash, sampler, steps, seed, intensity mapping, branch statistics).
+
+Everything is checked before the model is loaded: the source modalities exist and share one voxel grid, and the
+output file does not exist. An existing file is never replaced unless ``--overwrite`` is given (the message says
+whether it is a real acquisition or an earlier synthesis). The real target, if the subject has one, is never used:
+intensities are mapped back with the training reference (``models/target_intensity.json``) or ``--intensity-range``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_CONFIGS", "impute", "main"]
+
+_CONFIG_DIR = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+DEFAULT_CONFIGS = (str(_CONFIG_DIR / "train.json"), str(_CONFIG_DIR / "task_brats.json"))
+
+
+def _is_synthetic(path: Path) -> bool:
+    name = path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+    sidecar = path.with_name(stem + ".json")
+    try:
+        return bool(json.loads(sidecar.read_text()).get("synthetic"))
+    except (OSError, ValueError):
+        return False
+
+
+def impute(
+    subject_dir: str | Path,
+    bundle_root: str | Path = ".",
+    config_files: Sequence[str | Path] = DEFAULT_CONFIGS,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    model_path: str | Path | None = None,
+    intensity_range: Sequence[float] | None = None,
+    overrides: dict[str, Any] | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int | None = None,
+    branch: str = "damm",
+    num_samples: int = 1,
+) -> Path:
+    """Synthesise the configured target modality of one subject.
+
+    Args:
+        subject_dir: the subject's folder.
+        bundle_root: bundle root holding ``models/model.pt`` and ``models/target_intensity.json``.
+        config_files: bundle configs (default: ``train.json`` + ``task_brats.json``), merged in order.
+        output_dir: where to write (default: the subject folder).
+        overwrite: replace an existing output file.
+        model_path: checkpoint (default: the config's ``model_path``).
+        intensity_range: ``(lower, upper)`` input intensities for ``-1``/``1`` (default: the training reference).
+        overrides: other config entries (e.g. ``{"task_pixdim": [2, 2, 2]}``); must match training.
+        sampler: ``"ddim"`` or ``"ddpm"`` (default: the config's).
+        steps: sampling steps (default: the config's).
+        eta: DDIM eta (default: the config's).
+        seed: sampling seed (default: the config's).
+        branch: ``"damm"``, ``"uni"`` or ``"multi"``.
+        num_samples: K samples averaged.
+
+    Returns:
+        The written NIfTI path.
+
+    Raises:
+        FileNotFoundError: missing folder, model or reference.
+        FileExistsError: the output exists and ``overwrite`` is false.
+        ValueError: missing source modalities, modalities not co-registered, bad settings.
+    """
+    from monai.bundle import ConfigParser
+
+    from damm.tasks.brats import check_subject_files, subject_files, synthesise_to_file
+    from data_prep.brats import modality_filename
+
+    info = subject_files(subject_dir)
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in config_files])
+    parser.update({"bundle_root": str(bundle_root), **dict(overrides or {})})
+    target = parser.get_parsed_content("target")
+    conditions = list(parser.get_parsed_content("conditions"))
+    files = info["files"]
+    missing = [k for k in conditions if k not in files]
+    if missing:
+        raise ValueError(
+            f"subject {info['subject']!r} ({info['folder']}): missing source modalities {missing}; the model needs "
+            f"{conditions} (found {sorted(files)})"
+        )
+    check_subject_files({k: files[k] for k in conditions}, parser.get_parsed_content("task#data").tolerance)
+    out_dir = Path(output_dir) if output_dir is not None else Path(info["folder"])
+    out_path = out_dir / modality_filename(info["scheme"], target, info["file_prefix"])
+    if out_path.exists() and not overwrite:
+        what = "an earlier synthesis" if _is_synthetic(out_path) else f"a real {target} acquisition"
+        raise FileExistsError(f"{out_path} exists ({what}); refusing to overwrite it without --overwrite")
+    model_path = Path(model_path) if model_path is not None else Path(parser.get_parsed_content("model_path"))
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model checkpoint '{model_path}' not found; train the task bundle first")
+    if intensity_range is not None:
+        lo, hi = (float(v) for v in intensity_range)
+        if not hi > lo:
+            raise ValueError(f"--intensity-range needs lower < upper, got {lo}, {hi}")
+        reference: Any = {"lower": lo, "upper": hi}
+    else:
+        reference = Path(parser.get_parsed_content("task_reference_path"))
+        if not reference.is_file():
+            raise FileNotFoundError(
+                f"intensity reference '{reference}' not found (written when the task is trained); pass "
+                "--intensity-range LOWER UPPER"
+            )
+    from damm.workflow import load_model
+
+    task = parser.get_parsed_content("task#data")
+    model = load_model(parser.get_parsed_content("network"), model_path)
+    changes: dict[str, Any] = {"branch": branch, "num_samples": int(num_samples)}
+    if sampler is not None:
+        changes["sampler"] = sampler
+        if sampler == "ddpm" and steps is None:
+            changes["num_inference_steps"] = None
+    if steps is not None:
+        changes["num_inference_steps"] = int(steps)
+    if eta is not None:
+        changes["eta"] = float(eta)
+    if seed is not None:
+        changes["seed"] = int(seed)
+    inferer = parser.get_parsed_content("train#inferer").replace(**changes)
+    return synthesise_to_file(
+        model,
+        inferer,
+        {k: files[k] for k in conditions},
+        out_path,
+        task,
+        subject=info["subject"],
+        intensity_reference=reference,
+        model_path=model_path,
+        extra_sidecar={"subject": info["subject"], "naming_scheme": info["scheme"]},
+    )
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m damm.tasks.impute``).
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        Exit status (0 on success; errors exit with 2 and a message).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m damm.tasks.impute",
+        description="Synthesise a subject's missing MRI modality (default FLAIR from T2, T1, T1c) with a trained "
+        "BraTS task bundle, on the subject's own voxel grid, under its naming scheme's file name.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("subject_dir", help="subject folder (BraTS 2021, BraTS 2023 or plain file names)")
+    parser.add_argument("--bundle-root", default=".", help="bundle root with models/model.pt")
+    parser.add_argument("--config-file", nargs="+", default=list(DEFAULT_CONFIGS), help="bundle configs, merged")
+    parser.add_argument("--output-dir", default=None, help="output folder (default: the subject folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
+    parser.add_argument("--model", default=None, help="checkpoint (default: BUNDLE_ROOT/models/model.pt)")
+    parser.add_argument("--intensity-range", nargs=2, type=float, default=None, metavar=("LOWER", "UPPER"))
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--branch", choices=("damm", "uni", "multi"), default="damm")
+    parser.add_argument("--num-samples", type=int, default=1, help="K samples averaged")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (JSON values), as in training"
+    )
+    args = parser.parse_args(argv)
+    try:
+        overrides = {}
+        for item in args.set:
+            if "=" not in item:
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            overrides[k] = _value(v)
+        path = impute(
+            args.subject_dir,
+            args.bundle_root,
+            args.config_file,
+            args.output_dir,
+            args.overwrite,
+            args.model,
+            args.intensity_range,
+            overrides,
+            args.sampler,
+            args.steps,
+            args.eta,
+            args.seed,
+            args.branch,
+            args.num_samples,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
