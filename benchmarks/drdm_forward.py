@@ -85,7 +85,7 @@ def run(quick: bool = False) -> list[dict]:
                     peak,
                     "MiB",
                     method=method,
-                    note="RSS growth of a forked child running one q_sample (benchmarks.memory.peak_memory_mb)",
+                    note="RSS growth while running one q_sample (benchmarks.memory.peak_memory_mb)",
                 )
             )
     return figures

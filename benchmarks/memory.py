@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import resource
 import threading
 from collections.abc import Callable
@@ -18,12 +21,21 @@ def _current_rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS growth shows the next call's own peak."""
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def peak_memory_mb(fn: Callable[[], Any], interval_s: float = 0.002) -> float:
     """Memory that ``fn`` needs beyond what is allocated when it starts, in MiB.
 
     On CPU a sampler thread polls the resident set every ``interval_s`` while ``fn`` runs (torch kernels release
-    the GIL, so the sampler keeps running); the result is the peak minus the starting value. Forking a child
-    instead would deadlock in OpenMP once torch has started its thread pool. On CUDA it is
+    the GIL, so the sampler keeps running); the result is the peak minus the starting value, after freed heap
+    memory has been handed back to the OS (otherwise a warm heap hides the growth). Forking a child instead would
+    deadlock in OpenMP once torch has started its thread pool. On CUDA it is
     ``torch.cuda.max_memory_allocated``.
 
     Args:
@@ -40,6 +52,7 @@ def peak_memory_mb(fn: Callable[[], Any], interval_s: float = 0.002) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _release_free_heap()
     start = _current_rss_mb()
     peak = [start]
     done = threading.Event()

@@ -107,7 +107,12 @@ def write_report(results_dir: Path, report_path: Path) -> Path:
         if len(envs) > 1:
             lines += ["**Warning:** the records come from different machines; compare with care.", ""]
 
-    summary = [f for r in records for f in r.get("figures", []) if f.get("reference") is not None]
+    summary = [
+        {**f, "name": f["name"] + (" (quick run: plumbing check, not a result)" if r.get("quick") else "")}
+        for r in records
+        for f in r.get("figures", [])
+        if f.get("reference") is not None
+    ]
     lines += ["## Summary", ""]
     if summary:
         lines += ["| figure | ours | reference | ours / reference | reference is |", "|---|---|---|---|---|"]
