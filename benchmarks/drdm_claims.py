@@ -86,7 +86,13 @@ def run(
 
     Returns:
         Figures (empty when the shared data is absent).
+
+    Raises:
+        ValueError: a volume name other than ``ct`` or ``brain_t1``.
     """
+    unknown = sorted(set(volumes) - {"ct", "brain_t1"})
+    if unknown:
+        raise ValueError(f"unknown volume(s) {unknown}; choose from 'ct' and 'brain_t1'")
     items = [item for item in _volumes(quick) if item["id"] in volumes]
     if not items:
         return []
