@@ -24,7 +24,6 @@ Protocol (our own design; the paper's BraTS protocol is unknown, damm.md §4.2):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,15 +42,20 @@ from monai.transforms import LoadImage, ResampleToMatch
 from damm.tasks.common import (
     AutoencoderCeiling,
     DAMMPredictor,
+    evaluation_methods,
+    format_results_table,
+    model_fingerprint,
+    pop_branch_statistics,
     read_intensity_reference,
     write_intensity_reference,
+    write_task_evaluation,
 )
 from damm.tasks.metrics import region_metrics, to_unit
 from data_prep.brats import LABEL_KEY, MODALITIES, SCHEMES, detect_scheme, find_subjects, modality_filename
 from data_prep.datalist import assign_splits, read_datalist
 from transforms.checks import affine_of
 from transforms.intensity import NORM_META_KEY, denormalise
-from transforms.io import atomic_path, atomic_write_json, atomic_write_text
+from transforms.io import atomic_path, atomic_write_json
 from transforms.pipelines import brats_volume_pipeline
 from transforms.slices import foreground_fractions, take_slice
 
@@ -782,13 +786,6 @@ def synthesise_subject(
     return to_input_grid(vol, brain, intensity, prep.reference, input_brain)
 
 
-def _model_fingerprint(path: str | Path | None) -> dict[str, Any]:
-    if path is None or not Path(path).is_file():
-        return {"checkpoint": None if path is None else str(path)}
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"checkpoint": str(Path(path).resolve()), "sha256": digest}
-
-
 def evaluate_task(
     model: Any,
     inferer: Any,
@@ -837,16 +834,13 @@ def evaluate_task(
         "gap_mm": task.gap_mm,
         "pixdim": task.pixdim,
         "sampler": inferer.settings(),
-        "model": _model_fingerprint(model_path),
+        "model": model_fingerprint(model_path),
         "metric_space": "input grid, both images mapped to [0, 1] with the target's brain-percentile range "
         f"[p{task.lower}, p{task.upper}]; PSNR max 1; SSIM Gaussian window {ssim_win_size} per axial slice; "
         "averages over the region's voxels",
         "subjects": {},
     }
-    methods: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {"autoencoder_ceiling": None}
-    for b in branches:
-        methods[b] = DAMMPredictor(model, inferer.replace(branch=b, num_samples=1))
-    methods.update(dict(extra_predictors or {}))
+    methods = evaluation_methods(model, inferer, branches, extra_predictors)
     seg_available = True
     for name, files, heldout in task.evaluation_subjects():
         prep = prepare_subject(
@@ -881,58 +875,14 @@ def evaluate_task(
             secs = time.perf_counter() - t0
             rec: dict[str, Any] = {"seconds": secs}
             rec.update(region_metrics(to_unit(pred, lo, hi), true_u, regions, win_size=ssim_win_size, axis=2))
-            if isinstance(predictor, DAMMPredictor):
-                rec["branch_statistics"] = predictor.summary()
-                predictor.statistics.clear()
+            pop_branch_statistics(predictor, rec)
             subj["methods"][method] = rec
             if write_volumes:
                 write_nifti_like(pred, prep.reference, output_dir / name / f"{method}_{task.target}.nii.gz")
             logger.info(f"{name} {method}: {rec.get('brain')} ({secs:.1f} s)")
         results["subjects"][name] = subj
-    results["mean"] = _mean_over_subjects(results["subjects"])
     results["tumour_region"] = seg_available
-    atomic_write_json(results, output_dir / "task_evaluation.json")
-    atomic_write_text(format_results_table(results), output_dir / "task_evaluation.md")
-    return results
-
-
-def _mean_over_subjects(subjects: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for subj in subjects.values():
-        for method, rec in subj["methods"].items():
-            for region, vals in rec.items():
-                if not isinstance(vals, dict) or "psnr" not in vals:
-                    continue
-                acc = out.setdefault(method, {}).setdefault(region, {"psnr": [], "ssim": [], "mae": []})
-                for m in ("psnr", "ssim", "mae"):
-                    acc[m].append(vals[m])
-    return {
-        method: {region: {m: float(np.nanmean(v)) for m, v in vals.items()} for region, vals in regions.items()}
-        for method, regions in out.items()
-    }
-
-
-def format_results_table(results: Mapping[str, Any]) -> str:
-    """Markdown table of the mean metrics per method and region.
-
-    Args:
-        results: output of :func:`evaluate_task` (or the microscopy equivalent).
-
-    Returns:
-        Markdown text.
-    """
-    lines = [
-        f"# {results.get('task', 'task')}: {results.get('target')} from {results.get('conditions')}",
-        "",
-        str(results.get("metric_space", "")),
-        "",
-        "| method | region | PSNR (dB) | SSIM | MAE |",
-        "|---|---|---|---|---|",
-    ]
-    for method, regions in results.get("mean", {}).items():
-        for region, v in regions.items():
-            lines.append(f"| {method} | {region} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['mae']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return write_task_evaluation(results, output_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- inference runner
@@ -1080,7 +1030,7 @@ def synthesise_to_file(
         "target": task.target,
         "conditions": task.conditions,
         "inputs": {k: str(Path(v).resolve()) for k, v in condition_files.items()},
-        "model": _model_fingerprint(model_path),
+        "model": model_fingerprint(model_path),
         "sampler": inferer.settings(),
         "steps": inferer.num_inference_steps,
         "seed": inferer.seed,

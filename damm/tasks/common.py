@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,15 +26,21 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from transforms.io import atomic_write_json
+from transforms.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "AutoencoderCeiling",
     "DAMMPredictor",
     "ItemsToTensord",
     "TimeBudget",
+    "evaluation_methods",
+    "format_results_table",
+    "mean_over_subjects",
+    "model_fingerprint",
+    "pop_branch_statistics",
     "read_intensity_reference",
     "write_intensity_reference",
+    "write_task_evaluation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -247,3 +254,115 @@ def read_intensity_reference(path: str | Path, modality: str) -> dict[str, float
     if not float(rec["upper"]) > float(rec["lower"]):
         raise ValueError(f"intensity reference {path}: upper must exceed lower, got {rec}")
     return {"lower": float(rec["lower"]), "upper": float(rec["upper"])}
+
+
+def model_fingerprint(path: str | Path | None) -> dict[str, Any]:
+    """Identify a checkpoint for sidecars and reports: its resolved path and SHA-256.
+
+    Args:
+        path: checkpoint file (may be ``None`` or missing).
+
+    Returns:
+        ``{"checkpoint", "sha256"}``, or only ``{"checkpoint"}`` when the file does not exist.
+    """
+    if path is None or not Path(path).is_file():
+        return {"checkpoint": None if path is None else str(path)}
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"checkpoint": str(Path(path).resolve()), "sha256": digest}
+
+
+def evaluation_methods(
+    model: Any, inferer: Any, branches: Sequence[str], extra_predictors: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The methods a task evaluation compares: the autoencoder ceiling (``None``), one predictor per DAMM branch
+    (single sample each) and any extra predictors (e.g. the UNet baseline).
+
+    Args:
+        model: the loaded :class:`damm.workflow.DAMMModel`.
+        inferer: the sampler; copied per branch.
+        branches: DAMM branches to evaluate.
+        extra_predictors: other methods ``{name: predictor}``.
+
+    Returns:
+        ``{method name: predictor or None}`` in evaluation order.
+    """
+    methods: dict[str, Any] = {"autoencoder_ceiling": None}
+    for b in branches:
+        methods[b] = DAMMPredictor(model, inferer.replace(branch=b, num_samples=1))
+    methods.update(dict(extra_predictors or {}))
+    return methods
+
+
+def pop_branch_statistics(predictor: Any, record: dict[str, Any]) -> None:
+    """Move a DAMM predictor's per-step branch statistics into ``record`` and reset them for the next image.
+
+    Args:
+        predictor: any predictor; only :class:`DAMMPredictor` has statistics.
+        record: the method's result record, updated in place.
+    """
+    if isinstance(predictor, DAMMPredictor):
+        record["branch_statistics"] = predictor.summary()
+        predictor.statistics.clear()
+
+
+def mean_over_subjects(subjects: Mapping[str, Any]) -> dict[str, Any]:
+    """Average PSNR / SSIM / MAE per method and region over the evaluated subjects (or fields).
+
+    Args:
+        subjects: ``{name: {"methods": {method: {region: {"psnr", "ssim", "mae"}, ...}}}}``.
+
+    Returns:
+        ``{method: {region: {"psnr", "ssim", "mae"}}}`` (NaN-aware means).
+    """
+    out: dict[str, Any] = {}
+    for subj in subjects.values():
+        for method, rec in subj["methods"].items():
+            for region, vals in rec.items():
+                if not isinstance(vals, dict) or "psnr" not in vals:
+                    continue
+                acc = out.setdefault(method, {}).setdefault(region, {"psnr": [], "ssim": [], "mae": []})
+                for key in ("psnr", "ssim", "mae"):
+                    acc[key].append(vals[key])
+    return {
+        method: {region: {k: float(np.nanmean(v)) for k, v in vals.items()} for region, vals in regions.items()}
+        for method, regions in out.items()
+    }
+
+
+def format_results_table(results: Mapping[str, Any]) -> str:
+    """Markdown table of the mean metrics per method and region.
+
+    Args:
+        results: output of a task's ``evaluate_task``.
+
+    Returns:
+        Markdown text.
+    """
+    lines = [
+        f"# {results.get('task', 'task')}: {results.get('target')} from {results.get('conditions')}",
+        "",
+        str(results.get("metric_space", "")),
+        "",
+        "| method | region | PSNR (dB) | SSIM | MAE |",
+        "|---|---|---|---|---|",
+    ]
+    for method, regions in results.get("mean", {}).items():
+        for region, v in regions.items():
+            lines.append(f"| {method} | {region} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['mae']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_task_evaluation(results: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
+    """Add the means to ``results`` and write ``task_evaluation.json`` and ``task_evaluation.md`` atomically.
+
+    Args:
+        results: per-subject results (``results["subjects"]``), updated in place with ``results["mean"]``.
+        output_dir: destination folder.
+
+    Returns:
+        ``results``.
+    """
+    results["mean"] = mean_over_subjects(results["subjects"])
+    atomic_write_json(results, Path(output_dir) / "task_evaluation.json")
+    atomic_write_text(format_results_table(results), Path(output_dir) / "task_evaluation.md")
+    return results

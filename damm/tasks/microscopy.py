@@ -32,13 +32,21 @@ import tifffile
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from damm.tasks.brats import _model_fingerprint, format_results_table
-from damm.tasks.common import AutoencoderCeiling, DAMMPredictor, read_intensity_reference, write_intensity_reference
+from damm.tasks.common import (
+    AutoencoderCeiling,
+    DAMMPredictor,
+    evaluation_methods,
+    model_fingerprint,
+    pop_branch_statistics,
+    read_intensity_reference,
+    write_intensity_reference,
+    write_task_evaluation,
+)
 from damm.tasks.metrics import region_metrics, to_unit
 from data_prep.datalist import assign_splits
 from data_prep.microscopy import DEFAULT_PATTERN, find_fields, tile_positions
 from transforms.intensity import normalise, robust_range
-from transforms.io import atomic_path, atomic_write_json, atomic_write_text
+from transforms.io import atomic_path, atomic_write_json
 
 __all__ = [
     "FieldInference",
@@ -487,15 +495,12 @@ def evaluate_task(
         "tile_size": task.tile_size,
         "overlap": overlap,
         "sampler": inferer.settings(),
-        "model": _model_fingerprint(model_path),
+        "model": model_fingerprint(model_path),
         "metric_space": f"held-out columns, both images mapped to [0, 1] with the target field's [p{task.lower}, "
         f"p{task.upper}] range; PSNR max 1; SSIM Gaussian window {ssim_win_size}",
         "subjects": {},
     }
-    methods: dict[str, Any] = {"autoencoder_ceiling": None}
-    for b in branches:
-        methods[b] = DAMMPredictor(model, inferer.replace(branch=b, num_samples=1))
-    methods.update(dict(extra_predictors or {}))
+    methods = evaluation_methods(model, inferer, branches, extra_predictors)
     t = task.tile_size
     for name, files, x0 in task.evaluation_fields():
         images, params, meta = load_field(files, task.modalities, task.lower, task.upper)
@@ -527,21 +532,14 @@ def evaluate_task(
                     axis=None,
                 )
             )
-            if isinstance(predictor, DAMMPredictor):
-                rec["branch_statistics"] = predictor.summary()
-                predictor.statistics.clear()
+            pop_branch_statistics(predictor, rec)
             subj["methods"][method] = rec
             if write_images:
                 slug = name.replace("/", "_")
                 write_tiff_like(out, output_dir / slug / f"{method}_{task.target}_x{start}.tif")
             logger.info(f"{name} {method}: {rec['heldout']} ({secs:.1f} s)")
         results["subjects"][name] = subj
-    from damm.tasks.brats import _mean_over_subjects
-
-    results["mean"] = _mean_over_subjects(results["subjects"])
-    atomic_write_json(results, output_dir / "task_evaluation.json")
-    atomic_write_text(format_results_table(results), output_dir / "task_evaluation.md")
-    return results
+    return write_task_evaluation(results, output_dir)
 
 
 def synthesise_field_to_file(
@@ -608,7 +606,7 @@ def synthesise_field_to_file(
             "target": task.target,
             "conditions": task.conditions,
             "inputs": {k: str(Path(v).resolve()) for k, v in condition_files.items()},
-            "model": _model_fingerprint(model_path),
+            "model": model_fingerprint(model_path),
             "sampler": inferer.settings(),
             "steps": inferer.num_inference_steps,
             "seed": inferer.seed,
