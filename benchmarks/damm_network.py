@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.hardware import matmul_peak_gflops
 from benchmarks.timing import figure, time_call
 from damm.losses import DAMMLoss, per_sample_reference_loss
 from damm.networks import (
     DEMO_DENOISER_CONFIG,
     PAPER_DENOISER_CONFIG,
     DAMMDenoiser,
+    build_autoencoder,
     count_parameters,
     reference_forward_all,
 )
@@ -30,6 +32,36 @@ NAME = "damm_network"
 OFFICIAL_USED_PARAMS = 111_457_617
 #: Official UNet_DAMM forward cost per sample at a 16x16 latent (spec damm.md §2.9, FLOPs = 2 x MACs).
 OFFICIAL_GFLOPS = 6.67
+#: Official VQ-GAN cost per 256x256 image (spec damm.md §2.9).
+OFFICIAL_AE_GFLOPS = {"encode": 35.9, "decode": 59.3}
+
+#: Autoencoders timed for encode/decode: the bundle default (train.json ``ae_*``) and a paper-like VQ autoencoder
+#: (16x downsampling, 8 latent channels, 3 x 256 x 256 RGB input; spec damm.md §2.1).
+AE_CASES: dict[str, dict[str, Any]] = {
+    "demo": {
+        "build": {
+            "kind": "kl",
+            "channels": (16, 32, 32),
+            "latent_channels": 4,
+            "num_res_blocks": 1,
+            "norm_num_groups": 8,
+        },
+        "input": (1, 64, 64),
+        "batch": 16,
+    },
+    "paper": {
+        "build": {
+            "kind": "vq",
+            "in_channels": 3,
+            "channels": (64, 128, 256, 256, 512),
+            "latent_channels": 8,
+            "num_res_blocks": 1,
+            "norm_num_groups": 32,
+        },
+        "input": (3, 256, 256),
+        "batch": 4,
+    },
+}
 
 
 def _inputs(model: DAMMDenoiser, batch: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +87,94 @@ def _flops(model: DAMMDenoiser, x: torch.Tensor, t: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+def _count_flops(fn: Any) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def autoencoder_figures(quick: bool, repeat: int, peak_fp32: float) -> list[dict]:
+    """Encode and decode time, FLOPs and achieved GFLOP/s (as % of the fp32 matmul peak) of the autoencoders.
+
+    Args:
+        quick: only the demo autoencoder.
+        repeat: timed repeats.
+        peak_fp32: measured fp32 matmul peak in GFLOP/s.
+
+    Returns:
+        Figure records.
+    """
+    figs: list[dict] = []
+    for label, case in AE_CASES.items():
+        if quick and label == "paper":
+            continue
+        torch.manual_seed(0)
+        ae = build_autoencoder(**case["build"]).eval()
+        batch = case["batch"]
+        x = torch.randn(batch, *case["input"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            z = ae.encode(x)
+        calls = {"encode": lambda ae=ae, x=x: ae.encode(x), "decode": lambda ae=ae, z=z: ae.decode(z)}
+        for op, fn in calls.items():
+            gflop = _count_flops(fn) / 1e9
+
+            def timed(fn: Any = fn) -> None:
+                with torch.no_grad():
+                    fn()
+
+            med, spread = time_call(timed, warmup=1, repeat=repeat)
+            achieved = gflop / med
+            params = {
+                "config": label,
+                "kind": case["build"]["kind"],
+                "input": list(case["input"]),
+                "batch": batch,
+                "threads": torch.get_num_threads(),
+                "precision": "fp32",
+            }
+            per_image = {}
+            if label == "paper":
+                per_image = {
+                    "reference": OFFICIAL_AE_GFLOPS[op],
+                    "reference_label": f"official VQ-GAN {op} per 256^2 image (spec damm.md §2.9)",
+                }
+            figs.append(
+                figure(
+                    f"damm autoencoder {op} FLOPs per image ({label})", gflop / batch, "GFLOP", **per_image, **params
+                )
+            )
+            figs.append(
+                figure(
+                    f"damm autoencoder {op} time per image ({label}, batch {batch})",
+                    med / batch * 1e3,
+                    "ms",
+                    spread=spread / batch * 1e3,
+                    **params,
+                )
+            )
+            figs.append(
+                figure(
+                    f"damm autoencoder {op} achieved GFLOP/s as % of fp32 matmul peak ({label})",
+                    100.0 * achieved / peak_fp32,
+                    "%",
+                    achieved_gflops=achieved,
+                    peak_gflops=peak_fp32,
+                    **params,
+                    plot={
+                        "id": "Achieved vs peak GFLOP/s (fp32, % of matmul peak)",
+                        "x": f"AE {op} {label}",
+                        "series": "autoencoder",
+                        "xlabel": "workload",
+                        "ylabel": "% of fp32 matmul peak",
+                        "kind": "bar",
+                        "hline": 100.0,
+                    },
+                )
+            )
+    return figs
+
+
 def run(quick: bool = False) -> list[dict]:
     """Measure the figures.
 
@@ -67,6 +187,9 @@ def run(quick: bool = False) -> list[dict]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     figs: list[dict] = []
     repeat = 2 if quick else 5
+    peak_fp32 = matmul_peak_gflops(torch.float32, n=1024 if quick else 2048, repeat=3 if quick else 5)
+    figs.append(figure("matmul peak fp32 (same run)", peak_fp32, "GFLOP/s", threads=torch.get_num_threads()))
+    figs += autoencoder_figures(quick, repeat, peak_fp32)
 
     with torch.device("meta"):
         paper_meta = DAMMDenoiser(**PAPER_DENOISER_CONFIG)

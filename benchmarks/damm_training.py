@@ -1,16 +1,18 @@
-"""DAMM diffusion training throughput: batched DAMMP gating vs the official per-sample procedure.
+"""DAMM diffusion training throughput: batched DAMMP gating vs the official per-sample procedure (fp32).
 
 For the demo and the paper-scale denoiser, one divergence-aware training step (forward, backward, AdamW) on
-16x16 latents, at batch 8, 16 and 32, in fp32 and bf16 autocast. Reports samples/s, achieved GFLOP/s (FLOPs
-counted with ``torch.utils.flop_counter``) as a fraction of this machine's measured matmul peak, and the peak
-memory of a step. Run alone with ``python -m benchmarks.damm_training [--quick]``.
+16x16 latents at batch 8, 16 and 32 in fp32: samples/s of the batched DAMMP gating and of the official per-sample
+loop, achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter``) as a fraction of this machine's measured
+fp32 matmul peak, and the peak memory of a step. The fp32-vs-bf16 and channels-last comparison of the same step
+lives in ``benchmarks.precision``, which builds its steps with :func:`make_train_step` from here.
+Run alone with ``python -m benchmarks.damm_training [--quick]``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,67 +24,109 @@ from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
 from damm.losses import DAMMLoss, per_sample_reference_loss
 from damm.networks import DEMO_DENOISER_CONFIG, PAPER_DENOISER_CONFIG, DAMMDenoiser
+from transforms.precision import autocast, check_precision
 
-__all__ = ["NAME", "run"]
+__all__ = ["NAME", "OFFICIAL_STEP_S_BATCH16", "make_train_step", "run", "train_step_flops"]
 
 NAME = "damm_training"
 
 #: Official DAMM code, paper configuration, fp32, these 2 cores: seconds per divergence-aware step at batch 16.
 OFFICIAL_STEP_S_BATCH16 = 5.67
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager:
-    dtype = _DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
+def make_train_step(
+    model: DAMMDenoiser,
+    batch: int,
+    precision: str = "fp32",
+    per_sample: bool = False,
+    channels_last: bool = False,
+    size: int = 16,
+) -> Callable[[], None]:
+    """One divergence-aware training step (forward, DAMM loss, backward, AdamW) on fixed random inputs.
 
+    As in ``damm.engines.DAMMDiffusionTrainer``, the forward pass runs under ``transforms.precision.autocast`` and the
+    loss outside it (the per-sample procedure interleaves both under autocast); weights, gradients and the optimizer
+    stay fp32.
 
-def _step_fn(model: DAMMDenoiser, batch: int, precision: str, per_sample: bool) -> Any:
-    x, t = _inputs(model, batch)
-    noise = torch.randn(batch, model.latent_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    Args:
+        model: the denoiser (in train mode); with ``channels_last`` it must already be in channels-last format
+            (``model.to(memory_format=torch.channels_last)``).
+        batch: samples per step.
+        precision: ``"fp32"`` or ``"bf16"`` (``"fp16"`` on CUDA).
+        per_sample: the official procedure (one forward per sample for the gating) instead of batched DAMMP.
+        channels_last: give the inputs the channels-last memory format (2D latents only).
+        size: latent edge.
+
+    Returns:
+        A zero-argument callable running one step.
+    """
+    device = _device(model)
+    precision = check_precision(precision, device)
+    x, t = _inputs(model, batch, size)
+    noise = torch.randn((batch, model.latent_channels, *x.shape[2:]), generator=torch.Generator().manual_seed(1))
+    x, t, noise = x.to(device), t.to(device), noise.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        noise = noise.contiguous(memory_format=torch.channels_last)
     loss_fn = DAMMLoss(gamma=model.gamma)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(precision):
-            if per_sample:
+        if per_sample:  # forward and loss interleaved per sample
+            with autocast(precision, device):
                 loss = per_sample_reference_loss(model, x, t, noise, loss_fn, divergence_aware=True)
-            else:
-                loss, _ = loss_fn(model.forward_all(x, t), noise.float(), divergence_aware=True)
+        else:
+            with autocast(precision, device):
+                output = model.forward_all(x, t)
+            loss, _ = loss_fn(output, noise, divergence_aware=True)
         loss.float().backward()
         opt.step()
 
     return step
 
 
-def _train_flops(model: DAMMDenoiser, batch: int) -> float:
-    x, t = _inputs(model, batch)
-    noise = torch.randn(batch, model.latent_channels, 16, 16)
+def train_step_flops(model: DAMMDenoiser, batch: int = 2, size: int = 16) -> float:
+    """FLOPs of one batched training step's forward and backward (not the optimizer), per sample.
+
+    Args:
+        model: the denoiser.
+        batch: batch used for counting (FLOPs scale linearly with it).
+        size: latent edge.
+
+    Returns:
+        FLOPs per sample (``torch.utils.flop_counter``, fp32; the count is the same in any precision).
+    """
+    device = _device(model)
+    x, t = _inputs(model, batch, size)
+    noise = torch.randn((batch, model.latent_channels, *x.shape[2:]))
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _ = DAMMLoss(gamma=model.gamma)(model.forward_all(x, t), noise, divergence_aware=True)
+        loss, _ = DAMMLoss(gamma=model.gamma)(
+            model.forward_all(x.to(device), t.to(device)), noise.to(device), divergence_aware=True
+        )
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) / batch
 
 
 def run(quick: bool = False) -> list[dict]:
     """Measure the figures.
 
     Args:
-        quick: demo config only, batch 8, fp32 and bf16, fewer repeats.
+        quick: demo config only, batch 8, fewer repeats, one thread.
 
     Returns:
         Figure records.
     """
-    figs: list[dict] = []
-    peaks = {p: matmul_peak_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in _DTYPES}
-    for p, v in peaks.items():
-        figs.append(figure(f"matmul peak {p}", v, "GFLOP/s", dtype=p))
+    torch.set_num_threads(1 if quick else max(1, min(2, torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    peak = matmul_peak_gflops(torch.float32)
+    figs: list[dict] = [figure("matmul peak fp32", peak, "GFLOP/s", dtype="fp32", threads=threads)]
     configs = (
         {"demo": DEMO_DENOISER_CONFIG} if quick else {"demo": DEMO_DENOISER_CONFIG, "paper": PAPER_DENOISER_CONFIG}
     )
@@ -90,83 +134,66 @@ def run(quick: bool = False) -> list[dict]:
     repeat = 2 if quick else 3
     for label, config in configs.items():
         model = _model(config).train()
-        flops_per_sample = _train_flops(model, 2) / 2
-        figs.append(figure(f"{label}: training-step FLOPs per sample (fwd+bwd)", flops_per_sample / 1e9, "GFLOP"))
-        for precision in _DTYPES:
-            for batch in batches:
-                batched = _step_fn(model, batch, precision, per_sample=False)
-                med, spread = time_call(batched, warmup=1, repeat=repeat)
-                achieved = flops_per_sample * batch / med / 1e9
-                ref: dict[str, Any] = {}
-                if label == "paper" and batch == 16 and precision == "fp32":
-                    ref = {"reference": OFFICIAL_STEP_S_BATCH16, "reference_label": "official code, fp32, 2 cores"}
-                figs.append(
-                    figure(
-                        f"{label} {precision} b{batch}: divergence-aware step (batched DAMMP)",
-                        med,
-                        "s",
-                        spread=spread,
-                        **ref,
-                        batch=batch,
-                    )
-                )
-                figs.append(
-                    figure(
-                        f"{label} {precision} b{batch}: training samples/s (batched DAMMP)",
-                        batch / med,
-                        "samples/s",
-                        plot={
-                            "id": f"DAMM training throughput ({label})",
-                            "x": batch,
-                            "series": f"batched {precision}",
-                            "xlabel": "batch",
-                            "ylabel": "samples/s",
-                        },
-                    )
-                )
-                figs.append(
-                    figure(
-                        f"{label} {precision} b{batch}: achieved GFLOP/s as % of {precision} matmul peak",
-                        100 * achieved / peaks[precision],
-                        "%",
-                        achieved_gflops=round(achieved, 1),
-                        peak_gflops=round(peaks[precision], 1),
-                    )
-                )
-                if precision == "fp32":
-                    ref_step = _step_fn(model, batch, precision, per_sample=True)
-                    med_r, _ = time_call(ref_step, warmup=1, repeat=max(1, repeat - 1))
-                    figs.append(
-                        figure(
-                            f"{label} {precision} b{batch}: training samples/s (per-sample loop, official procedure)",
-                            batch / med_r,
-                            "samples/s",
-                            plot={
-                                "id": f"DAMM training throughput ({label})",
-                                "x": batch,
-                                "series": "per-sample loop fp32",
-                                "xlabel": "batch",
-                                "ylabel": "samples/s",
-                            },
-                        )
-                    )
-                    figs.append(figure(f"{label} b{batch}: speed-up batched / per-sample loop", med_r / med, "x"))
-                if batch == batches[-1] or batch == 16:
-                    mem = peak_memory_mb(_step_fn(model, batch, precision, per_sample=False))
-                    figs.append(figure(f"{label} {precision} b{batch}: peak memory of a training step", mem, "MiB"))
-        if label == "paper":
-            med16 = next(
-                f["value"] for f in figs if f["name"] == "paper fp32 b16: divergence-aware step (batched DAMMP)"
+        flops_per_sample = train_step_flops(model)
+        common = {"precision": "fp32", "config": label, "channels_last": False, "threads": threads, "quick": quick}
+        figs.append(
+            figure(f"{label}: training-step FLOPs per sample (fwd+bwd)", flops_per_sample / 1e9, "GFLOP", **common)
+        )
+        for batch in batches:
+            p = {**common, "batch": batch}
+            med, spread = time_call(make_train_step(model, batch), warmup=1, repeat=repeat)
+            achieved = flops_per_sample * batch / med / 1e9
+            ref: dict[str, Any] = {}
+            if label == "paper" and batch == 16:
+                ref = {"reference": OFFICIAL_STEP_S_BATCH16, "reference_label": "official code, fp32, 2 cores"}
+            figs.append(
+                figure(f"{label} fp32 b{batch}: divergence-aware step (batched DAMMP)", med, "s", spread, **ref, **p)
             )
             figs.append(
                 figure(
-                    "paper fp32 b16: training throughput vs the official code",
-                    OFFICIAL_STEP_S_BATCH16 / med16,
-                    "x",
-                    reference=5.0,
-                    reference_label="target of issue 9 (>= 5x the official throughput)",
+                    f"{label} fp32 b{batch}: training samples/s (batched DAMMP)",
+                    batch / med,
+                    "samples/s",
+                    **p,
+                    plot={
+                        "id": f"DAMM training throughput ({label})",
+                        "x": batch,
+                        "series": "batched DAMMP fp32",
+                        "xlabel": "batch",
+                        "ylabel": "samples/s",
+                    },
                 )
             )
+            figs.append(
+                figure(
+                    f"{label} fp32 b{batch}: achieved GFLOP/s as % of fp32 matmul peak",
+                    100 * achieved / peak,
+                    "%",
+                    achieved_gflops=round(achieved, 1),
+                    peak_gflops=round(peak, 1),
+                    **p,
+                )
+            )
+            med_r, _ = time_call(make_train_step(model, batch, per_sample=True), warmup=1, repeat=max(1, repeat - 1))
+            figs.append(
+                figure(
+                    f"{label} fp32 b{batch}: training samples/s (per-sample loop, official procedure)",
+                    batch / med_r,
+                    "samples/s",
+                    **p,
+                    plot={
+                        "id": f"DAMM training throughput ({label})",
+                        "x": batch,
+                        "series": "per-sample loop fp32 (official procedure)",
+                        "xlabel": "batch",
+                        "ylabel": "samples/s",
+                    },
+                )
+            )
+            figs.append(figure(f"{label} b{batch}: speed-up batched / per-sample loop", med_r / med, "x", **p))
+            if batch == batches[-1] or batch == 16:
+                mem = peak_memory_mb(make_train_step(model, batch))
+                figs.append(figure(f"{label} fp32 b{batch}: peak memory of a training step", mem, "MiB", **p))
     return figs
 
 

@@ -55,11 +55,23 @@ def _plot(plot_id: str, points: list[dict[str, Any]], out_png: Path) -> None:
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
         series[p["series"]].append((p["x"], p["value"]))
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-    for label, xy in series.items():
-        xy.sort()
-        ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", label=label)
     first = points[0]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    if first.get("kind") == "bar":  # grouped bars over categorical x (in first-seen order)
+        cats = list(dict.fromkeys(str(p["x"]) for p in points))
+        width = 0.8 / max(1, len(series))
+        for i, (label, xy) in enumerate(series.items()):
+            vals = {str(a): b for a, b in xy}
+            pos = [j + (i - (len(series) - 1) / 2) * width for j, c in enumerate(cats) if c in vals]
+            ax.bar(pos, [vals[c] for c in cats if c in vals], width=width, label=label)
+        ax.set_xticks(range(len(cats)))
+        ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=7)
+        if first.get("hline") is not None:
+            ax.axhline(float(first["hline"]), color="k", lw=0.8, ls="--")
+    else:
+        for label, xy in series.items():
+            xy.sort()
+            ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", label=label)
     ax.set_xlabel(first.get("xlabel", "x"))
     ax.set_ylabel(first.get("ylabel", first.get("unit", "")))
     if first.get("logx"):

@@ -24,6 +24,7 @@ from damm.engines.autoencoder_trainer import to_unit_range
 from damm.engines.handlers import is_rank_zero
 from damm.inferers import DAMMInferer
 from transforms.io import atomic_path, atomic_write_json, atomic_write_text
+from transforms.precision import autocast
 
 __all__ = [
     "SUBSETS",
@@ -124,14 +125,16 @@ def load_items(
     return {k: torch.stack(v).float() for k, v in stacks.items()}, info
 
 
-def _ceiling(model: Any, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _ceiling(model: Any, images: torch.Tensor, batch_size: int, precision: str = "fp32") -> torch.Tensor:
     ae = model.autoencoders[model.target]
     device = next(ae.parameters()).device
     outs = []
     with torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
             x = images[s : s + batch_size].to(device)
-            outs.append(ae.decode(ae.encode(x)).float().cpu())
+            with autocast(precision, device):  # the same precision as the sampler's encode/decode
+                recon = ae.decode(ae.encode(x))
+            outs.append(recon.float().cpu())
     return torch.cat(outs)
 
 
@@ -173,7 +176,7 @@ def evaluate_model(
     bs = inferer.batch_size or 64
 
     t0 = time.perf_counter()
-    recon = _ceiling(model, target, bs)
+    recon = _ceiling(model, target, bs, getattr(inferer, "precision", "fp32"))
     methods["autoencoder_ceiling"] = {
         "description": f"{model.target} autoencoder reconstruction (upper bound)",
         "seconds": time.perf_counter() - t0,

@@ -9,6 +9,10 @@ is seeded, and also returns the UAFM confidence map and the per-step branch choi
 ``network`` is a :class:`damm.workflow.DAMMModel` (the autoencoders of every modality plus the denoiser) or any
 object with the same attributes (``autoencoders``, ``denoiser``, ``target``, ``conditions``), so that
 ``inferer(inputs, network)`` works as MONAI Label calls a bundle inferer.
+
+Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``transforms.precision``): the
+denoiser and the autoencoders run under ``torch.autocast``; their outputs are upcast to fp32, the running latent
+stays fp32 and every scheduler step is computed in fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
+
+from transforms.precision import autocast, canonical_precision, check_precision
 
 __all__ = ["BRANCHES", "DAMMInferer", "DAMMSampleOutput"]
 
@@ -43,7 +49,7 @@ class DAMMSampleOutput:
         gate_choices: what the DAMMP gate chose (``c >= gamma``) at every step, ``[B, K, S]``, whatever branch was
             forced (``None`` for ``branch="uni"``).
         timesteps: the S timesteps visited, in order.
-        settings: branch, sampler, steps, eta, K, seed, gamma.
+        settings: branch, sampler, steps, eta, K, seed, precision.
     """
 
     prediction: torch.Tensor
@@ -101,9 +107,12 @@ class DAMMInferer(Inferer):
         batch_size: inputs sampled together (``K`` copies each); ``None`` = all at once.
         progress: show a tqdm bar over the sampling steps.
         keep_samples: keep the K individual samples in the output.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the denoiser and
+            autoencoder passes. The name is checked here, the device when sampling (before any work).
 
     Raises:
-        ValueError: for an unknown ``sampler``/``branch``, ``num_samples < 1`` or DDPM with fewer steps.
+        ValueError: for an unknown ``sampler``/``branch``/``precision``, ``num_samples < 1`` or DDPM with fewer
+            steps.
     """
 
     def __init__(
@@ -118,8 +127,11 @@ class DAMMInferer(Inferer):
         batch_size: int | None = None,
         progress: bool = False,
         keep_samples: bool = False,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        # the name now (no device yet: fp16 is accepted here and refused at sampling time off CUDA)
+        precision = canonical_precision(precision)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"DAMMInferer: sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         if branch not in BRANCHES:
@@ -151,6 +163,18 @@ class DAMMInferer(Inferer):
         self.batch_size = None if batch_size is None else int(batch_size)
         self.progress = progress
         self.keep_samples = keep_samples
+        self.precision = precision
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Check that ``precision`` can run on ``device`` (called before sampling starts).
+
+        Args:
+            device: the network's device.
+
+        Raises:
+            ValueError: fp16 off CUDA, or bf16 on a GPU without bf16 (the message names ``precision``).
+        """
+        check_precision(self.precision, device, setting="precision")
 
     # ------------------------------------------------------------------ schedulers
     def make_sampling_scheduler(self) -> DDPMScheduler | DDIMScheduler:
@@ -209,6 +233,7 @@ class DAMMInferer(Inferer):
             "eta": self.eta if self.sampler == "ddim" else None,
             "num_samples": self.num_samples,
             "seed": self.seed,
+            "precision": self.precision,
         }
 
     # ------------------------------------------------------------------ training helper
@@ -275,13 +300,16 @@ class DAMMInferer(Inferer):
             images: condition images in ``network.conditions`` order.
 
         Returns:
-            ``[z_anchor, z_aux_1, ...]``.
+            ``[z_anchor, z_aux_1, ...]`` (fp32).
         """
         device = _module_device(network.denoiser)
-        return [
-            network.autoencoders[k].encode_scaled(x.to(device=device, dtype=torch.float32))
-            for k, x in zip(network.conditions, images)
-        ]
+        self.check_device(device)
+        latents = []
+        for k, x in zip(network.conditions, images):
+            with autocast(self.precision, device):
+                z = network.autoencoders[k].encode_scaled(x.to(device=device, dtype=torch.float32))
+            latents.append(z.float())
+        return latents
 
     @torch.no_grad()
     def sample_latents(
@@ -307,12 +335,13 @@ class DAMMInferer(Inferer):
         lat_channels = int(getattr(denoiser, "latent_channels", conds[0].shape[1]))
         shape = (b, lat_channels, *conds[0].shape[2:])
         device = conds[0].device
+        self.check_device(device)
         if generator is None:
             generator = self.make_generator()
-        x = torch.randn(shape, generator=generator).to(device)
+        x = torch.randn(shape, generator=generator).to(device)  # the running latent: fp32 throughout
         sched = self.make_sampling_scheduler()
         timesteps = [int(t) for t in sched.timesteps]
-        cond = torch.cat(conds, dim=1)
+        cond = torch.cat([c.float() for c in conds], dim=1)
         gamma = float(getattr(denoiser, "gamma", 0.5))
         choices, gates, confs = [], [], []
         u_sum = None
@@ -328,28 +357,32 @@ class DAMMInferer(Inferer):
                 saved = denoiser.branch
                 denoiser.branch = "uni"
                 try:
-                    eps = denoiser(inp, t_batch)
+                    with autocast(self.precision, device):
+                        eps = denoiser(inp, t_batch)
                 finally:
                     denoiser.branch = saved
                 choices.append(torch.zeros(b, dtype=torch.bool))
             else:
-                out = denoiser.forward_all(inp, t_batch, use_uncertainty=True)
-                gate = (out.confidence >= gamma).cpu()
+                with autocast(self.precision, device):
+                    out = denoiser.forward_all(inp, t_batch, use_uncertainty=True)
+                # the gating decision in fp32 (the DAMMDenoiser already returns fp32; other networks may not)
+                confidence = out.confidence.float()
+                gate = (confidence >= gamma).cpu()
                 if self.branch == "damm":
                     eps = torch.where(
-                        (out.confidence >= gamma).reshape(-1, *([1] * (out.eps_uni.ndim - 1))),
-                        out.eps_multi,
-                        out.eps_uni,
+                        (confidence >= gamma).reshape(-1, *([1] * (out.eps_uni.ndim - 1))),
+                        out.eps_multi.float(),
+                        out.eps_uni.float(),
                     )
                     choices.append(gate)
                 else:
                     eps = out.eps_multi
                     choices.append(torch.ones(b, dtype=torch.bool))
                 gates.append(gate)
-                confs.append(out.confidence.float().cpu())
+                confs.append(confidence.cpu())
                 u = out.confidence_map.float()
                 u_sum = u if u_sum is None else u_sum + u
-            x = self._step(sched, eps, t, x, generator)
+            x = self._step(sched, eps.float(), t, x, generator)  # scheduler arithmetic in fp32
         n = len(timesteps)
         return {
             "latents": x,
@@ -390,6 +423,7 @@ class DAMMInferer(Inferer):
             "batch_size": self.batch_size,
             "progress": self.progress,
             "keep_samples": self.keep_samples,
+            "precision": self.precision,
         }
         args.update(changes)
         if args["sampler"] == "ddpm" and "num_inference_steps" not in changes:
@@ -419,8 +453,13 @@ class DAMMInferer(Inferer):
 
         Returns:
             :class:`DAMMSampleOutput`.
+
+        Raises:
+            ValueError: bad inputs, or a ``precision`` the network's device cannot run (before any work).
         """
         images = self._split_conditions(inputs, network)
+        device = _module_device(network.denoiser)
+        self.check_device(device)
         n = images[0].shape[0]
         bs = n if self.batch_size is None else self.batch_size
         was_training = network.training
@@ -432,7 +471,9 @@ class DAMMInferer(Inferer):
                 chunk = [im[start : start + bs] for im in images]
                 latents = self.encode_conditions(network, chunk)
                 res = self.sample_latents(network, latents, generator)
-                decoded = network.autoencoders[network.target].decode_scaled(res["latents"]).float().cpu()
+                with autocast(self.precision, device):
+                    decoded = network.autoencoders[network.target].decode_scaled(res["latents"])
+                decoded = decoded.float().cpu()
                 res["decoded"] = decoded
                 res["size"] = chunk[0].shape[2:]
                 parts.append(res)

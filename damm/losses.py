@@ -7,6 +7,9 @@ Divergence-aware phase, per sample i: ``l_uni_i``, ``l_multi_i`` (mean L1), labe
 multi-modal branch gets no noise-prediction gradient from samples gated to the uni-modal branch); confidence term
 ``bce_weight * BCE(c, y) + pull_weight * mean((c - gamma)^2)`` weighted by ``alpha``. Total:
 ``mean_i(denoising_i) + alpha * confidence_term``.
+
+Mixed precision: the loss is an fp32 island (``transforms.precision.fp32``): predictions, noise and confidence are
+upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not it is called under autocast.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
+from damm.networks.dtypes import upcast
+from transforms.precision import fp32
 
 __all__ = ["DAMMLoss", "per_sample_reference_loss"]
 
 
 def _per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred - target).abs().flatten(1).mean(dim=1)
+    return (upcast(pred) - upcast(target)).abs().flatten(1).mean(dim=1)
 
 
 class DAMMLoss(nn.Module):
@@ -61,8 +66,9 @@ class DAMMLoss(nn.Module):
         """
         c = confidence.float()
         eps = torch.finfo(c.dtype).eps
-        bce = F.binary_cross_entropy(c.clamp(eps, 1.0 - eps), label.float())
-        return self.bce_weight * bce + self.pull_weight * ((c - self.gamma) ** 2).mean()
+        with fp32(c.device):  # BCE is unsafe under (CUDA) autocast
+            bce = F.binary_cross_entropy(c.clamp(eps, 1.0 - eps), label.float())
+            return self.bce_weight * bce + self.pull_weight * ((c - self.gamma) ** 2).mean()
 
     def forward(
         self, output: DAMMOutput, noise: torch.Tensor, divergence_aware: bool
@@ -75,10 +81,10 @@ class DAMMLoss(nn.Module):
             divergence_aware: False for the warm-up phase, True afterwards.
 
         Returns:
-            ``(loss, logs)``; ``logs`` has ``loss``, ``loss_uni``, ``loss_multi``, ``confidence_mean``,
-            ``label_rate`` (fraction with ``l_multi <= l_uni``), ``gated_multi_fraction`` (fraction with
-            ``c >= gamma``), ``loss_confidence`` (the unweighted confidence term; computed but not used in the
-            warm-up phase).
+            ``(loss, logs)``, ``loss`` fp32 (also under autocast); ``logs`` has ``loss``, ``loss_uni``, ``loss_multi``,
+            ``confidence_mean``, ``label_rate`` (fraction with ``l_multi <= l_uni``), ``gated_multi_fraction``
+            (fraction with ``c >= gamma``), ``loss_confidence`` (the unweighted confidence term; computed but not used
+            in the warm-up phase).
 
         Raises:
             ValueError: if ``noise`` does not match the predictions' shape.
@@ -87,17 +93,18 @@ class DAMMLoss(nn.Module):
             raise ValueError(
                 f"noise shape {tuple(noise.shape)} does not match the prediction shape {tuple(output.eps_uni.shape)}"
             )
-        l_uni = _per_sample_l1(output.eps_uni, noise)
-        l_multi = _per_sample_l1(output.eps_multi, noise)
-        c = output.confidence
-        label = (l_multi <= l_uni).detach().float()
-        to_multi = (c >= self.gamma).detach()
-        loss_conf = self.confidence_loss(c, label)
-        if divergence_aware:
-            per_sample = torch.where(to_multi, 0.5 * (l_uni + l_multi), l_uni)
-            loss = per_sample.mean() + self.alpha * loss_conf
-        else:
-            loss = 0.5 * (l_uni.mean() + l_multi.mean())
+        with fp32(noise.device):
+            l_uni = _per_sample_l1(output.eps_uni, noise)
+            l_multi = _per_sample_l1(output.eps_multi, noise)
+            c = upcast(output.confidence)
+            label = (l_multi <= l_uni).detach().float()
+            to_multi = (c >= self.gamma).detach()
+            loss_conf = self.confidence_loss(c, label)
+            if divergence_aware:
+                per_sample = torch.where(to_multi, 0.5 * (l_uni + l_multi), l_uni)
+                loss = per_sample.mean() + self.alpha * loss_conf
+            else:
+                loss = 0.5 * (l_uni.mean() + l_multi.mean())
         logs = {
             "loss": float(loss.detach()),
             "loss_uni": float(l_uni.detach().mean()),

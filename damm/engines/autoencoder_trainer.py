@@ -9,6 +9,10 @@ Generator loss per modality: ``l1_weight * L1 + regularisation_weight * (KL or V
 ``adversarial_start_iteration`` on). Discriminator loss: the MONAI ``PatchAdversarialLoss`` on real and
 reconstructed images. :class:`AutoencoderEvaluator` reports reconstruction PSNR and SSIM per modality: the
 ceiling the diffusion result can never beat.
+
+Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``transforms.precision``): the
+network forward passes run under ``torch.autocast``, the losses in fp32 on upcast outputs, fp16 training uses a
+``GradScaler``. Weights and checkpoints stay fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.utils import eval_mode
 from torch import nn
+
+from transforms.precision import autocast, check_precision, make_grad_scaler
 
 __all__ = [
     "AutoencoderEvaluator",
@@ -121,11 +127,14 @@ class AutoencoderTrainer(Trainer):
         adversarial_loss: ``PatchAdversarialLoss`` (default: least squares).
         adversarial_weight: weight of the generator's adversarial term.
         adversarial_start_iteration: the adversarial terms (G and D) start after this many iterations.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler): autocast
+            dtype of the forward passes; losses stay fp32.
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
         metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate: as for MONAI's trainers.
 
     Raises:
-        ValueError: unknown keys, a discriminator without optimiser, a perceptual weight without a loss.
+        ValueError: unknown keys, a discriminator without optimiser, a perceptual weight without a loss, an unknown
+            ``precision`` or one the device cannot run (checked before anything else).
     """
 
     def __init__(
@@ -145,6 +154,7 @@ class AutoencoderTrainer(Trainer):
         adversarial_loss: Callable | None = None,
         adversarial_weight: float = 0.1,
         adversarial_start_iteration: int = 0,
+        precision: str = "fp32",
         epoch_length: int | None = None,
         non_blocking: bool = False,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -157,6 +167,7 @@ class AutoencoderTrainer(Trainer):
         event_to_attr: dict | None = None,
         decollate: bool = False,
     ) -> None:
+        precision = check_precision(precision, device, setting="precision")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -198,6 +209,21 @@ class AutoencoderTrainer(Trainer):
         self.adversarial_loss = adversarial_loss or PatchAdversarialLoss(criterion="least_squares")
         self.adversarial_weight = float(adversarial_weight)
         self.adversarial_start_iteration = int(adversarial_start_iteration)
+        self.precision = precision
+        # not `self.scaler`: MONAI's Trainer.run() overwrites that attribute from its own `amp` flag
+        self.grad_scaler = make_grad_scaler(precision, device)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.grad_scaler is None:
+            loss.backward()
+        else:
+            self.grad_scaler.scale(loss).backward()
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_scaler is None:
+            optimizer.step()
+        else:
+            self.grad_scaler.step(optimizer)
 
     def adversarial_active(self, iteration: int) -> bool:
         """Whether the adversarial terms are on at a (1-based) iteration.
@@ -231,15 +257,19 @@ class AutoencoderTrainer(Trainer):
         self.g_optimizer.zero_grad(set_to_none=True)
         g_total = torch.zeros((), device=device)
         for k in self.keys:
-            res = self.autoencoders[k](images[k])
-            recon = res.reconstruction
-            l1 = F.l1_loss(recon.float(), images[k])
-            loss = self.l1_weight * l1 + self.regularisation_weight * res.regularisation_loss
+            with autocast(self.precision, device):
+                res = self.autoencoders[k](images[k])
+            recon = res.reconstruction.float()  # losses in fp32
+            l1 = F.l1_loss(recon, images[k])
+            loss = self.l1_weight * l1 + self.regularisation_weight * res.regularisation_loss.float()
             if self.perceptual_loss is not None and self.perceptual_weight > 0:
-                loss = loss + self.perceptual_weight * self.perceptual_loss(recon.float(), images[k])
+                with autocast(self.precision, device):
+                    perceptual = self.perceptual_loss(recon, images[k])
+                loss = loss + self.perceptual_weight * perceptual.float()
             if adversarial:
-                logits = self.discriminators[k](recon.float())[-1]  # type: ignore[index]
-                g_adv = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
+                with autocast(self.precision, device):
+                    logits = self.discriminators[k](recon)[-1]  # type: ignore[index]
+                g_adv = self.adversarial_loss(logits.float(), target_is_real=True, for_discriminator=False)
                 loss = loss + self.adversarial_weight * g_adv
                 out[f"g_adv_{k}"] = float(g_adv.detach())
             g_total = g_total + loss
@@ -247,9 +277,9 @@ class AutoencoderTrainer(Trainer):
             out[f"l1_{k}"] = float(l1.detach())
             out[f"reg_{k}"] = float(res.regularisation_loss.detach())
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        g_total.backward()
+        self._backward(g_total)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        self.g_optimizer.step()
+        self._step(self.g_optimizer)
         out["g_loss"] = float(g_total.detach())
         if adversarial:
             self.d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
@@ -257,15 +287,19 @@ class AutoencoderTrainer(Trainer):
             for k in self.keys:
                 n = images[k].shape[0]
                 # one forward over real and fake (DDP allows one forward per backward)
-                logits = self.discriminators[k](torch.cat([recons[k].detach().float(), images[k]]))[-1]  # type: ignore[index]
+                with autocast(self.precision, device):
+                    logits = self.discriminators[k](torch.cat([recons[k].detach(), images[k]]))[-1]  # type: ignore[index]
+                logits = logits.float()
                 d_fake = self.adversarial_loss(logits[:n], target_is_real=False, for_discriminator=True)
                 d_real = self.adversarial_loss(logits[n:], target_is_real=True, for_discriminator=True)
                 d_loss = 0.5 * (d_fake + d_real)
                 d_total = d_total + d_loss
                 out[f"d_loss_{k}"] = float(d_loss.detach())
-            d_total.backward()
-            self.d_optimizer.step()  # type: ignore[union-attr]
+            self._backward(d_total)
+            self._step(self.d_optimizer)  # type: ignore[arg-type]
             out["d_loss"] = float(d_total.detach())
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()  # once per iteration, after every optimiser stepped
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return out
 
@@ -313,8 +347,13 @@ class AutoencoderEvaluator(Evaluator):
         keys: modalities to check (default: all).
         spatial_dims: for the default SSIM metric.
         ssim_win_size: SSIM window of the default metrics.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of encode/decode
+            (the reconstruction is returned in fp32).
         epoch_length, non_blocking, iteration_update, postprocessing, key_val_metric, additional_metrics,
         metric_cmp_fn, val_handlers, decollate: as for MONAI's evaluators.
+
+    Raises:
+        ValueError: an unknown ``precision`` or one the device cannot run.
     """
 
     def __init__(
@@ -325,6 +364,7 @@ class AutoencoderEvaluator(Evaluator):
         keys: Sequence[str] | None = None,
         spatial_dims: int = 2,
         ssim_win_size: int = 11,
+        precision: str = "fp32",
         epoch_length: int | None = None,
         non_blocking: bool = False,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -335,6 +375,7 @@ class AutoencoderEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         decollate: bool = True,
     ) -> None:
+        precision = check_precision(precision, device, setting="precision")
         keys = list(autoencoders.keys()) if keys is None else list(keys)
         if key_val_metric is None:
             metrics = reconstruction_metrics(keys, spatial_dims, ssim_win_size)
@@ -356,6 +397,7 @@ class AutoencoderEvaluator(Evaluator):
         )
         self.autoencoders = autoencoders
         self.keys = keys
+        self.precision = precision
 
     def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
@@ -367,7 +409,8 @@ class AutoencoderEvaluator(Evaluator):
                 x = torch.as_tensor(batchdata[k]).to(device).float()
                 ae = self.autoencoders[k]
                 ae = getattr(ae, "module", ae)  # DDP
-                recon = ae.decode(ae.encode(x))
+                with autocast(self.precision, device):
+                    recon = ae.decode(ae.encode(x))
                 out[k] = to_unit_range(x)
                 out[f"{k}_recon"] = to_unit_range(recon.float())
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)

@@ -7,6 +7,10 @@ iterations, then the divergence-aware phase (spec ``damm.md`` §3.2, switched by
 The output holds the total loss and both branch losses, the mean confidence, the label rate and the fraction of
 samples gated to the multi-modal branch, for ``StatsHandler``/``TensorBoardStatsHandler``; their epoch means are
 attached as ignite metrics (``epoch_<name>``).
+
+Mixed precision (``precision``; see ``transforms.precision``): the noising and the denoiser forward run under
+``torch.autocast``; the denoiser returns fp32 predictions and confidence (its fp32 islands), the loss is computed in
+fp32 outside autocast, and fp16 (CUDA) scales the loss with a ``GradScaler``. Weights stay fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from ignite.metrics import Average, Metric
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
+
+from transforms.precision import autocast, check_precision, make_grad_scaler
 
 __all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
 
@@ -75,11 +81,14 @@ class DAMMDiffusionTrainer(Trainer):
         condition_keys: the condition modalities, anchor first.
         divergence_aware_start_iteration: warm-up length in iterations; afterwards the divergence-aware phase.
         grad_clip_norm: optional gradient-norm clipping (the paper has none).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler): autocast
+            dtype of the denoiser forward; the loss stays fp32.
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
         metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate: as for MONAI's trainers.
 
     Raises:
-        ValueError: for an empty ``condition_keys`` or a negative start iteration.
+        ValueError: for an empty ``condition_keys``, a negative start iteration, an unknown ``precision`` or one the
+            device cannot run (checked before anything else).
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class DAMMDiffusionTrainer(Trainer):
         condition_keys: Sequence[str] = ("vessel", "nuclei"),
         divergence_aware_start_iteration: int = 0,
         grad_clip_norm: float | None = None,
+        precision: str = "fp32",
         epoch_length: int | None = None,
         non_blocking: bool = False,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -107,6 +117,7 @@ class DAMMDiffusionTrainer(Trainer):
         event_to_attr: dict | None = None,
         decollate: bool = False,
     ) -> None:
+        precision = check_precision(precision, device, setting="precision")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -138,6 +149,9 @@ class DAMMDiffusionTrainer(Trainer):
         self.condition_keys = list(condition_keys)
         self.divergence_aware_start_iteration = int(divergence_aware_start_iteration)
         self.grad_clip_norm = grad_clip_norm
+        self.precision = precision
+        # not `self.scaler`: MONAI's Trainer.run() overwrites that attribute from its own `amp` flag
+        self.grad_scaler = make_grad_scaler(precision, device)
         for key in LOGGED_KEYS:
             Average(output_transform=lambda out, key=key: out[key]).attach(self, f"epoch_{key}")
 
@@ -168,7 +182,8 @@ class DAMMDiffusionTrainer(Trainer):
         phase_b = self.divergence_aware(engine.state.iteration)
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        output = self.inferer.noise_prediction(self.network, z0, conds, noise, timesteps, use_uncertainty=phase_b)
+        with autocast(self.precision, device):
+            output = self.inferer.noise_prediction(self.network, z0, conds, noise, timesteps, use_uncertainty=phase_b)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss, logs = self.loss_function(output, noise, divergence_aware=phase_b)
         if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
@@ -176,11 +191,20 @@ class DAMMDiffusionTrainer(Trainer):
             # gated prediction join with weight 0, so their parameters get zero gradients instead of none
             loss = loss + 0.0 * sum(t.float().sum() for t in (output.confidence_map, output.eps))
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
+        if self.grad_scaler is None:
+            loss.backward()
+        else:
+            self.grad_scaler.scale(loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)  # clip (and step) on the true gradients
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), float(self.grad_clip_norm))
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         result: dict[str, Any] = {k: float(v) for k, v in logs.items()}
         result["loss"] = float(loss.detach())

@@ -7,6 +7,9 @@ is random (e.g. a random spatial augmentation), caching is switched off and each
 
 Encoding is lazy: it happens on the first ``__getitem__``, so building the dataset (e.g. while a bundle config is
 parsed or its properties are checked) is free, and the autoencoders may be loaded or trained in between.
+
+With ``precision="bf16"`` (or ``"fp16"`` on CUDA) the encoders run under ``torch.autocast``; the cached latents are
+always fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from monai.transforms import Compose, Randomizable
 from torch import nn
 from torch.utils.data import Dataset
+
+from transforms.precision import autocast, check_precision
 
 __all__ = ["LatentCacheDataset", "has_random_transform"]
 
@@ -60,9 +65,11 @@ class LatentCacheDataset(Dataset):
         cache: ``True``/``False``, or ``None`` to cache unless ``transform`` is random.
         keep_fields: scalar item fields copied into every sample (e.g. ``"divergent"``).
         progress: show a progress bar while encoding.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the encoding.
 
     Raises:
-        ValueError: empty ``data`` or ``keys``, or a key without autoencoder.
+        ValueError: empty ``data`` or ``keys``, a key without autoencoder, an unknown ``precision`` or one
+            ``device`` cannot run.
     """
 
     def __init__(
@@ -76,7 +83,9 @@ class LatentCacheDataset(Dataset):
         cache: bool | None = None,
         keep_fields: Sequence[str] = (),
         progress: bool = False,
+        precision: str = "fp32",
     ) -> None:
+        precision = check_precision(precision, device, setting="precision")
         if len(data) == 0:
             raise ValueError("LatentCacheDataset: 'data' is empty")
         if not keys:
@@ -93,6 +102,7 @@ class LatentCacheDataset(Dataset):
         self.cache = (not has_random_transform(transform)) if cache is None else bool(cache)
         self.keep_fields = list(keep_fields)
         self.progress = progress
+        self.precision = precision
         self._latents: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -111,7 +121,9 @@ class LatentCacheDataset(Dataset):
             ae.eval()
             try:
                 x = torch.stack([_plain(i).float() for i in images[k]]).to(self.device)
-                out[k] = ae.encode_scaled(x).float().cpu()
+                with autocast(self.precision, self.device):
+                    z = ae.encode_scaled(x)
+                out[k] = z.float().cpu()
             finally:
                 ae.train(was_training)
         return out

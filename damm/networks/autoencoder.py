@@ -13,6 +13,10 @@ The factory :func:`build_autoencoder` builds a MONAI ``AutoencoderKL`` (default)
 
 Both kinds share one meaning of ``channels``: ``channels[0]`` works at full resolution and every further level
 halves the spatial size, so ``downsample_factor == 2 ** (len(channels) - 1)``.
+
+Mixed precision: the builders make every normalisation layer compute in fp32 under ``torch.autocast``
+(``transforms.precision.keep_norms_fp32``); the KL term, the VQ codebook search/update and the latent scaling run
+in fp32 on upcast tensors. Outside autocast nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 import torch
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 from torch import nn
+
+from damm.networks.dtypes import upcast
+from transforms.precision import fp32, keep_norms_fp32
 
 __all__ = [
     "AutoencoderOutput",
@@ -142,8 +149,10 @@ class LatentAutoencoder(nn.Module):
         # EMAQuantizer.quantize/embed: the nearest code without the EMA codebook update that
         # VectorQuantizer.quantize (and so VQVAE.index_quantize / decode_stage_2_outputs) performs in training mode
         ema = self.net.quantizer.quantizer
-        _, _, indices = ema.quantize(z)
-        z_q = ema.embed(indices).to(z.dtype)
+        z = upcast(z)
+        with fp32(z.device):  # MONAI disables only CUDA autocast around the codebook search
+            _, _, indices = ema.quantize(z)
+            z_q = ema.embed(indices).to(z.dtype)
         return z + (z_q - z).detach()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -165,9 +174,9 @@ class LatentAutoencoder(nn.Module):
             x: image batch.
 
         Returns:
-            Scaled latent.
+            Scaled latent (fp32 under autocast: the low-precision latent is upcast before scaling).
         """
-        return self.encode(x) * self.scale_factor
+        return upcast(self.encode(x)) * self.scale_factor
 
     def decode_scaled(self, z: torch.Tensor) -> torch.Tensor:
         """``decode(z / scale_factor)``: inverse of :meth:`encode_scaled`.
@@ -217,12 +226,15 @@ class LatentAutoencoder(nn.Module):
             z_mu, z_sigma = self.net.encode(x)
             z = self.net.sampling(z_mu, z_sigma)
             recon = self.net.decode(z)
-            dims = list(range(1, z_mu.ndim))
-            var = z_sigma.pow(2)
-            kl = 0.5 * torch.sum(z_mu.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0, dim=dims)
+            with fp32(x.device):  # the KL term in fp32 under autocast
+                z_mu, z_sigma = upcast(z_mu), upcast(z_sigma)
+                dims = list(range(1, z_mu.ndim))
+                var = z_sigma.pow(2)
+                kl = 0.5 * torch.sum(z_mu.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0, dim=dims)
             return AutoencoderOutput(recon, z, kl.mean())
         z = self.net.encode(x)
-        z_q, q_loss = self.net.quantize(z)
+        with fp32(x.device):  # codebook search, EMA update and VQ loss in fp32 under autocast
+            z_q, q_loss = self.net.quantize(upcast(z))
         recon = self.net.decode(z_q)
         return AutoencoderOutput(recon, z, q_loss)
 
@@ -267,7 +279,7 @@ def build_autoencoder(
         **kwargs: passed on to the MONAI class.
 
     Returns:
-        A :class:`LatentAutoencoder`.
+        A :class:`LatentAutoencoder` whose normalisation layers compute in fp32 under autocast.
 
     Raises:
         ValueError: for an unknown ``kind``, too few ``channels``, a ``downsample_factor`` that does not match
@@ -327,7 +339,7 @@ def build_autoencoder(
             decay=decay,
             **kwargs,
         )
-    return LatentAutoencoder(net, kind, spatial_dims, in_channels, latent_channels, factor)
+    return keep_norms_fp32(LatentAutoencoder(net, kind, spatial_dims, in_channels, latent_channels, factor))
 
 
 def build_discriminator(
@@ -351,9 +363,9 @@ def build_discriminator(
         **kwargs: passed on to ``PatchDiscriminator``.
 
     Returns:
-        The discriminator.
+        The discriminator (batch/group/layer norms compute in fp32 under autocast).
     """
-    return PatchDiscriminator(
+    disc = PatchDiscriminator(
         spatial_dims=spatial_dims,
         channels=channels,
         in_channels=in_channels,
@@ -361,6 +373,7 @@ def build_discriminator(
         norm=norm,
         **kwargs,
     )
+    return keep_norms_fp32(disc)
 
 
 @torch.no_grad()

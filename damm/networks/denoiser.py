@@ -20,6 +20,10 @@ features feed the next multi-modal encoder block and the multi-modal decoder ski
 cross-attends from the uni-modal to the fused features and returns the per-token confidence ``u``. DAMMP takes
 ``c = mean(u)`` per sample and picks ``eps_uni`` where ``c < gamma``, else ``eps_multi``, for the whole batch at
 once.
+
+Mixed precision: the network runs under ``torch.autocast`` (``transforms.precision.autocast``) unchanged. Every
+normalisation layer computes in fp32 (``keep_norms_fp32``), the UAFM confidence and softmax are fp32 islands, and
+the confidence ``c``, the gating decision and every returned prediction are fp32. Outside autocast nothing changes.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from monai.networks.nets.diffusion_model_unet import (
 )
 from torch import nn
 
+from damm.networks.dtypes import upcast
 from damm.networks.fusion import MMFM, UAFM
+from transforms.precision import fp32, keep_norms_fp32
 
 __all__ = [
     "DEMO_DENOISER_CONFIG",
@@ -326,6 +332,8 @@ class DAMMDenoiser(nn.Module):
             confidence_source=confidence_source,
             norm_eps=norm_eps,
         )
+        # mixed precision: every GroupNorm/BatchNorm computes and returns fp32 under autocast (same state dict)
+        keep_norms_fp32(self)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -427,7 +435,7 @@ class DAMMDenoiser(nn.Module):
             use_uncertainty: multiply the UAFM logits by ``u`` (False during warm-up).
 
         Returns:
-            :class:`DAMMOutput`.
+            :class:`DAMMOutput`; under autocast every tensor of it is fp32 (the predictions are upcast).
 
         Raises:
             ValueError: wrong channel count, spatial size not divisible by the downsampling, bad timesteps shape.
@@ -436,13 +444,15 @@ class DAMMDenoiser(nn.Module):
         eps_uni, eps_multi, u = self._run(x, timesteps, use_uncertainty, need_uni=True, need_multi=True)
         assert eps_uni is not None and eps_multi is not None and u is not None
         bottleneck_shape = tuple(s // self.downsample_factor for s in x.shape[2:])
-        confidence = u.mean(dim=1)
-        if self.branch == "uni":
-            eps = eps_uni
-        elif self.branch == "multi":
-            eps = eps_multi
-        else:
-            eps = self.gate(eps_uni, eps_multi, confidence)
+        with fp32(x.device):  # confidence, gating decision and gated output in fp32 under autocast
+            eps_uni, eps_multi, u = upcast(eps_uni), upcast(eps_multi), upcast(u)
+            confidence = u.mean(dim=1)
+            if self.branch == "uni":
+                eps = eps_uni
+            elif self.branch == "multi":
+                eps = eps_multi
+            else:
+                eps = self.gate(eps_uni, eps_multi, confidence)
         return DAMMOutput(
             eps_uni=eps_uni,
             eps_multi=eps_multi,
@@ -460,7 +470,8 @@ class DAMMDenoiser(nn.Module):
             context: must be None (the conditions travel in ``x``).
 
         Returns:
-            The prediction selected by ``self.branch`` (``"damm"``: DAMMP-gated), ``[B, C_lat, *spatial]``.
+            The prediction selected by ``self.branch`` (``"damm"``: DAMMP-gated), ``[B, C_lat, *spatial]``, fp32
+            under autocast.
 
         Raises:
             ValueError: for a non-None ``context`` or bad inputs.
@@ -473,11 +484,11 @@ class DAMMDenoiser(nn.Module):
         if self.branch == "uni":
             eps_uni, _, _ = self._run(x, timesteps, True, need_uni=True, need_multi=False)
             assert eps_uni is not None
-            return eps_uni
+            return upcast(eps_uni)
         if self.branch == "multi":
             _, eps_multi, _ = self._run(x, timesteps, True, need_uni=False, need_multi=True)
             assert eps_multi is not None
-            return eps_multi
+            return upcast(eps_multi)
         return self.forward_all(x, timesteps, use_uncertainty=True).eps
 
 

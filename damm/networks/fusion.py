@@ -14,6 +14,9 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
+from damm.networks.dtypes import upcast
+from transforms.precision import fp32
+
 __all__ = ["MMFM", "UAFM", "ModalityGate", "SqueezeExcitation", "make_norm"]
 
 
@@ -152,6 +155,10 @@ class UAFM(nn.Module):
     logits ``QK^T / sqrt(d)`` multiplied per key position j by the confidence ``u_j in (0, 1)`` (the paper's
     ``1 - U``) before the softmax, output ``x + W_o(softmax(.) V)``.
 
+    Under mixed precision (autocast) the projections and ``QK^T`` run in the low precision while the confidence
+    head, its sigmoid, the scaling of the logits by ``u`` and the softmax run in fp32 (``transforms.precision.fp32``
+    on upcast inputs); ``u`` is always fp32.
+
     Args:
         spatial_dims: 2 or 3.
         channels: channels C of both inputs.
@@ -204,10 +211,12 @@ class UAFM(nn.Module):
             ctx_norm: ``GN(ctx)`` as tokens ``[B, N, C]``.
 
         Returns:
-            ``u`` of shape ``[B, N]`` in (0, 1).
+            ``u`` of shape ``[B, N]`` in (0, 1), computed in fp32 (an fp32 island under autocast).
         """
-        feats = x_norm if self.confidence_source == "uni" else torch.cat([x_norm, ctx_norm], dim=-1)
-        return torch.sigmoid(self.confidence_head(feats)).squeeze(-1)
+        with fp32(x_norm.device):
+            x_norm = upcast(x_norm)
+            feats = x_norm if self.confidence_source == "uni" else torch.cat([x_norm, upcast(ctx_norm)], dim=-1)
+            return torch.sigmoid(self.confidence_head(feats)).squeeze(-1)
 
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, use_uncertainty: bool = True
@@ -230,9 +239,11 @@ class UAFM(nn.Module):
         q = self.to_q(xn).reshape(b, h, d, -1).transpose(2, 3)  # B h N d
         k = self.to_k(cn).reshape(b, h, d, -1).transpose(2, 3)
         v = self.to_v(cn).reshape(b, h, d, -1).transpose(2, 3)
-        logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)  # B h Nq Nk
-        if use_uncertainty:
-            logits = logits * u[:, None, None, :].to(logits.dtype)
-        attn = torch.softmax(logits, dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3))  # B h Nq Nk (low precision under autocast)
+        with fp32(x.device):  # scaling, confidence weighting and softmax in fp32
+            logits = upcast(scores) / math.sqrt(d)
+            if use_uncertainty:
+                logits = logits * u[:, None, None, :].to(logits.dtype)
+            attn = torch.softmax(logits, dim=-1)
         out = torch.matmul(attn, v).transpose(2, 3).reshape(b, c, *spatial)
         return x + self.proj_out(out), u

@@ -864,7 +864,7 @@ def evaluate_task(
             if method == "autoencoder_ceiling":
                 pred = synthesise_subject(
                     prep,
-                    AutoencoderCeiling(model.autoencoders[task.target], inferer.batch_size or 32),
+                    AutoencoderCeiling(model.autoencoders[task.target], inferer.batch_size or 32, inferer.precision),
                     prep.target_params,
                     task.multiple,
                     use_target=True,

@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
 from transforms.io import atomic_write_json, atomic_write_text
+from transforms.precision import autocast, autocast_dtype, check_precision
 
 __all__ = [
     "AutoencoderCeiling",
@@ -171,11 +172,18 @@ class AutoencoderCeiling:
     Args:
         autoencoder: the target's ``LatentAutoencoder``.
         batch_size: images per forward pass.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of encode/decode
+            (use the sampler's, so the ceiling is measured as the synthesis decodes).
+
+    Raises:
+        ValueError: an unknown ``precision`` (here) or one the autoencoder's device cannot run (when called).
     """
 
-    def __init__(self, autoencoder: torch.nn.Module, batch_size: int = 32) -> None:
+    def __init__(self, autoencoder: torch.nn.Module, batch_size: int = 32, precision: str = "fp32") -> None:
         self.autoencoder = autoencoder
         self.batch_size = int(batch_size)
+        autocast_dtype(precision)  # the name now; the device when called
+        self.precision = precision
 
     @torch.no_grad()
     def __call__(self, target: torch.Tensor) -> torch.Tensor:
@@ -188,14 +196,16 @@ class AutoencoderCeiling:
             ``decode(encode(target))``, same shape and device.
         """
         ae = self.autoencoder
+        device = next(ae.parameters()).device
+        check_precision(self.precision, device, setting="precision")
         was = ae.training
         ae.eval()
-        device = next(ae.parameters()).device
         try:
-            outs = [
-                ae.decode(ae.encode(target[s : s + self.batch_size].to(device).float())).float()
-                for s in range(0, target.shape[0], self.batch_size)
-            ]
+            outs = []
+            for s in range(0, target.shape[0], self.batch_size):
+                with autocast(self.precision, device):
+                    recon = ae.decode(ae.encode(target[s : s + self.batch_size].to(device).float()))
+                outs.append(recon.float())
         finally:
             ae.train(was)
         return torch.cat(outs).to(target.device)

@@ -516,7 +516,7 @@ def evaluate_task(
         for method, predictor in methods.items():
             t0 = time.perf_counter()
             if method == "autoencoder_ceiling":
-                ceiling = AutoencoderCeiling(model.autoencoders[task.target], sw_batch_size)
+                ceiling = AutoencoderCeiling(model.autoencoders[task.target], sw_batch_size, inferer.precision)
                 pred = predict_field(ceiling, [crop[task.target]], t, overlap, sw_batch_size)
             else:
                 pred = predict_field(predictor, [crop[k] for k in task.conditions], t, overlap, sw_batch_size)
