@@ -4,6 +4,11 @@ and peak memory of one 3D draw (issue §7).
 Official reference (spec drdm.md §1.3): about 5.52 s for one 3D 128³ forward at t = 79 (B = 1, one CPU core,
 up to 200 sequential compositions on the 64³ lattice) and about 0.3 s for 2D 256² with B = 8.
 
+Precision (issue 9): the forward process is pure field composition (random velocities, ``grid_sample`` compositions,
+resizing), an fp32 island whatever the ``precision`` setting. The ``... under bf16 autocast`` figures run the same
+draw (same seed) inside ``torch.autocast(bfloat16)`` and report its time and its largest difference to the fp32 draw
+(0 when the island holds).
+
 Run: ``python -m benchmarks.drdm_forward [--quick]``.
 """
 
@@ -17,6 +22,7 @@ import torch
 from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
 from drdm.diffusion import DeformationDiffusion
+from transforms.precision import autocast
 
 __all__ = ["NAME", "run"]
 
@@ -81,6 +87,9 @@ def run(quick: bool = False) -> list[dict]:
                         },
                     )
                 )
+    autocast_cases = [((256, 256), 8), ((64, 64, 64), 1)] + ([] if quick else [((128, 128, 128), 1)])
+    for shape, batch in autocast_cases:
+        figures += _autocast_figures(shape, batch, quick, threads)
     if not quick:
         image = torch.rand(1, 1, 128, 128, 128)
         for method in ("binary", "sequential"):
@@ -97,6 +106,53 @@ def run(quick: bool = False) -> list[dict]:
                 )
             )
     return figures
+
+
+def _autocast_figures(shape: tuple[int, ...], batch: int, quick: bool, threads: int) -> list[dict]:
+    """One binary-method draw at t = 79 under bf16 autocast: time, and the difference to the same fp32 draw."""
+    label = "x".join(str(s) for s in shape)
+    image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(1))
+    diffusion = DeformationDiffusion(power_method="binary")
+    reference = diffusion.q_sample(image, 79, torch.Generator().manual_seed(0))
+
+    def draw() -> object:
+        with autocast("bf16", "cpu"):
+            return diffusion.q_sample(image, 79, torch.Generator().manual_seed(0))
+
+    median, spread = time_call(draw, warmup=1, repeat=1 if quick or len(shape) == 3 else 3)
+    sample = draw()
+    diff = max(
+        float((sample.cumulative_field - reference.cumulative_field).abs().max()),
+        float((sample.step_field - reference.step_field).abs().max()),
+        float((sample.image - reference.image).abs().max()),
+    )
+    dtypes = sorted({str(t.dtype) for t in (sample.image, sample.step_field, sample.cumulative_field)})
+    ref, ref_label = None, None
+    if shape == (128, 128, 128):
+        ref, ref_label = 5.52, "official DeformDDPM forward, 3D 128^3, t=79, fp32, on these 2 cores (issue 9)"
+    params = {"shape": list(shape), "batch": batch, "t": 79, "method": "binary", "threads": threads}
+    note = "the forward process is field composition: an fp32 island, unchanged by the precision setting"
+    return [
+        figure(
+            f"drdm forward {len(shape)}D {label} B={batch} t=79 (binary) under bf16 autocast",
+            median,
+            "s",
+            spread=spread,
+            reference=ref,
+            reference_label=ref_label,
+            output_dtypes=dtypes,
+            note=note,
+            **params,
+        ),
+        figure(
+            f"drdm forward {len(shape)}D {label} B={batch} t=79: max |bf16-autocast draw - fp32 draw|",
+            diff,
+            "voxels",
+            output_dtypes=dtypes,
+            note=note + " (same seed; 0 = bitwise identical)",
+            **params,
+        ),
+    ]
 
 
 def main() -> None:

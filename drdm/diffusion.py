@@ -8,6 +8,9 @@ For a level ``t`` the process draws, per sample, a multi-scale Gaussian velocity
 
 then lifts both to image resolution (gain, bi/trilinear upsampling to the enlarged field of view, centre crop)
 and deforms the image with ``Ψ_t``. All sizes are per axis, so non-square / non-cubic images are supported.
+
+The whole process is an fp32 island (autocast disabled): calling it inside a bf16/fp16 autocast region returns
+the same fp32 fields and image as outside (``benchmarks/drdm_forward.py`` checks it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from drdm.fields import (
     sample_velocity,
     warp,
 )
+from transforms.precision import fp32
 
 __all__ = [
     "DeformationDiffusion",
@@ -252,14 +256,15 @@ class DeformationDiffusion:
         tt = self.check_levels(t, batch)
         big_n, small_n = self.step_counts(tt)
         ctl = self.control_shape(shape)
-        v = sample_velocity(batch, ctl, self.levels, self.sigma, generator, device, dtype)
-        if self.noise_ratio > 0:
-            eta = sample_velocity(batch, ctl, self.levels, self.sigma * self.noise_ratio, generator, device, dtype)
-            v_traj = compose(eta, v, self.field_padding_mode)  # v first, then η
-        else:
-            v_traj = v
-        cumulative = self.lift(self._power(v_traj, big_n), shape)
-        step = self.lift(self._power(v, small_n), shape) if with_step else None
+        with fp32(device):
+            v = sample_velocity(batch, ctl, self.levels, self.sigma, generator, device, dtype)
+            if self.noise_ratio > 0:
+                eta = sample_velocity(batch, ctl, self.levels, self.sigma * self.noise_ratio, generator, device, dtype)
+                v_traj = compose(eta, v, self.field_padding_mode)  # v first, then η
+            else:
+                v_traj = v
+            cumulative = self.lift(self._power(v_traj, big_n), shape)
+            step = self.lift(self._power(v, small_n), shape) if with_step else None
         return step, cumulative
 
     def q_sample(
@@ -279,9 +284,10 @@ class DeformationDiffusion:
             raise ValueError(f"q_sample: image must be [B, C, *S] with 2 or 3 spatial dims, got {tuple(image.shape)}.")
         batch = image.shape[0]
         tt = self.check_levels(t, batch)
-        dtype = image.dtype if image.is_floating_point() else torch.float32
+        dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
         step, cumulative = self.sample_fields(image.shape[2:], tt, batch, generator, image.device, dtype)
-        deformed = warp(image.to(dtype), cumulative, self.image_mode, self.image_padding_mode)
+        with fp32(image.device):
+            deformed = warp(image.to(dtype), cumulative, self.image_mode, self.image_padding_mode)
         assert step is not None
         return ForwardSample(deformed, step, cumulative, tt.to(image.device))
 

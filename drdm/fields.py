@@ -8,6 +8,10 @@ Conventions (spec drdm.md §0):
 - Composition ``compose(u, w) = w + u∘(id + w)`` is the displacement of ``T_u ∘ T_w`` (apply ``w`` first, then ``u``).
 - ``flow_power(v, n)`` is ``(id + v)^{∘n}``: ``v`` composed with itself ``n`` times.
 
+Precision: warping, composition and Jacobians are fp32 islands. They run with autocast disabled and upcast
+fp16/bf16 inputs to fp32 (a bf16 sampling grid cannot even address pixel 257 exactly), so calling them inside a
+``torch.autocast`` region (the DRDM sampler and trainer do) changes nothing. float64 inputs stay float64.
+
 Every function accepts non-square / non-cubic shapes; nothing assumes a single edge length.
 """
 
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
+
+from transforms.precision import fp32
 
 __all__ = [
     "check_field",
@@ -40,19 +46,45 @@ _WARPERS: OrderedDict[tuple, Warp] = OrderedDict()
 _MAX_WARPERS = 16
 
 
-def _warper(mode: str, padding_mode: str, ddf: torch.Tensor) -> Warp:
-    """A :class:`monai.networks.blocks.Warp` for ``(mode, padding_mode)`` and the field's device, batch and shape.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-    ``Warp`` caches one reference grid; keeping one instance per (batch, shape) in a small LRU avoids rebuilding
-    the grid when the lattice and the image grid alternate (the sampler's loop does that at every step).
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """``x`` upcast to float32 when it is fp16/bf16 (other dtypes unchanged)."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+class _CachedWarp(Warp):
+    """:class:`monai.networks.blocks.Warp` whose reference-grid cache works.
+
+    MONAI 1.6.1 compares ``ref_grid.shape[1:]`` (``(d, *S)``) with ``ddf.shape[2:]`` (``S``), which never match, so
+    it rebuilds (``arange`` + ``meshgrid`` + two ``stack`` + a copy) the identity grid at every call; this keeps
+    the grid while the field's shape, dtype and device stay the same.
     """
-    key = (mode, padding_mode, str(ddf.device), tuple(ddf.shape))
+
+    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        """The identity grid ``[B, d, *S]`` for ``ddf`` (cached)."""
+        ref = self.ref_grid
+        if ref is not None and ref.shape == ddf.shape and ref.dtype == ddf.dtype and ref.device == ddf.device:
+            return ref
+        self.ref_grid = None
+        return super().get_reference_grid(ddf, jitter, seed)
+
+
+def _warper(mode: str, padding_mode: str, ddf: torch.Tensor) -> Warp:
+    """A :class:`monai.networks.blocks.Warp` for ``(mode, padding_mode)`` and the field's device, dtype and shape.
+
+    ``Warp`` caches one reference grid (in the dtype of the first field it sees); keeping one instance per
+    (dtype, batch, shape) in a small LRU avoids rebuilding the grid when the lattice and the image grid alternate
+    (the sampler's loop does that at every step) and never reuses a grid of another dtype.
+    """
+    key = (mode, padding_mode, str(ddf.device), ddf.dtype, tuple(ddf.shape))
     if key in _WARPERS:
         _WARPERS.move_to_end(key)
         return _WARPERS[key]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*native grid_sample.*")
-        _WARPERS[key] = Warp(mode=mode, padding_mode=padding_mode)
+        _WARPERS[key] = _CachedWarp(mode=mode, padding_mode=padding_mode)
     if len(_WARPERS) > _MAX_WARPERS:
         _WARPERS.popitem(last=False)
     return _WARPERS[key]
@@ -96,12 +128,14 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
         padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
 
     Returns:
-        The warped image ``[B, C, *S]``.
+        The warped image ``[B, C, *S]`` (float32 for fp16/bf16 inputs: an fp32 island).
     """
     check_field(ddf, "ddf", image.shape[2:])
     if image.shape[0] != ddf.shape[0]:
         raise ValueError(f"warp: batch of image ({image.shape[0]}) and ddf ({ddf.shape[0]}) differ.")
-    return _warper(mode, padding_mode, ddf)(image, ddf.to(image.dtype) if image.is_floating_point() else ddf)
+    image, ddf = _full(image), _full(ddf)
+    with fp32(ddf.device):
+        return _warper(mode, padding_mode, ddf)(image, ddf.to(image.dtype) if image.is_floating_point() else ddf)
 
 
 def compose(u: torch.Tensor, w: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
@@ -113,11 +147,13 @@ def compose(u: torch.Tensor, w: torch.Tensor, padding_mode: str = "border") -> t
         padding_mode: padding used when resampling ``u`` (``"border"`` extends the field outside the grid).
 
     Returns:
-        The composed field, same shape.
+        The composed field, same shape (float32 for fp16/bf16 inputs).
     """
     check_field(u, "u")
     check_field(w, "w", u.shape[2:])
-    return w + warp(u, w, mode="bilinear", padding_mode=padding_mode)
+    u, w = _full(u), _full(w)
+    with fp32(w.device):
+        return w + warp(u, w, mode="bilinear", padding_mode=padding_mode)
 
 
 def _as_counts(n: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -230,11 +266,12 @@ def sample_velocity(
         raise ValueError(f"sample_velocity: levels must be >= 1, got {levels}.")
     mode = "bilinear" if d == 2 else "trilinear"
     v = torch.zeros((batch, d, *shape), device=device, dtype=dtype)
-    for i in range(levels):
-        coarse = tuple(max(2, math.ceil(c / 2**i)) for c in shape)
-        eps = torch.randn((batch, d, *coarse), generator=generator, dtype=dtype, device="cpu").to(device or "cpu")
-        eps = eps * (sigma * 2**i)
-        v = v + (eps if coarse == shape else F.interpolate(eps, size=shape, mode=mode, align_corners=False))
+    with fp32(v.device):
+        for i in range(levels):
+            coarse = tuple(max(2, math.ceil(c / 2**i)) for c in shape)
+            eps = torch.randn((batch, d, *coarse), generator=generator, dtype=dtype, device="cpu").to(device or "cpu")
+            eps = eps * (sigma * 2**i)
+            v = v + (eps if coarse == shape else F.interpolate(eps, size=shape, mode=mode, align_corners=False))
     return v
 
 
@@ -281,18 +318,19 @@ def resize_crop_field(field: torch.Tensor, enlarged_shape: Sequence[int], crop_s
         crop_shape: centre crop kept per axis (``<= enlarged_shape``).
 
     Returns:
-        ``[B, C, *crop_shape]``.
+        ``[B, C, *crop_shape]`` (float32 for fp16/bf16 inputs; computed with autocast disabled).
     """
     d = field.ndim - 2
     if len(enlarged_shape) != d or len(crop_shape) != d:
         raise ValueError(f"resize_crop_field: need {d} sizes, got {enlarged_shape} and {crop_shape}.")
-    out = field
-    for axis in range(d):
-        big, keep = int(enlarged_shape[axis]), int(crop_shape[axis])
-        if keep > big:
-            raise ValueError(f"resize_crop_field: crop {keep} larger than the enlarged size {big} on axis {axis}.")
-        mat = linear_resize_matrix(field.shape[2 + axis], big, (big - keep) // 2, keep, field.dtype).to(field.device)
-        out = torch.movedim(torch.movedim(out, 2 + axis, -1) @ mat.T, -1, 2 + axis)
+    out = field = _full(field)
+    with fp32(field.device):  # the matrix products would run in bf16 under autocast
+        for axis in range(d):
+            big, keep = int(enlarged_shape[axis]), int(crop_shape[axis])
+            if keep > big:
+                raise ValueError(f"resize_crop_field: crop {keep} larger than the enlarged size {big} on axis {axis}.")
+            mat = linear_resize_matrix(field.shape[2 + axis], big, (big - keep) // 2, keep, field.dtype)
+            out = torch.movedim(torch.movedim(out, 2 + axis, -1) @ mat.to(field.device).T, -1, 2 + axis)
     return out.contiguous()
 
 
@@ -325,24 +363,26 @@ def jacobian_determinant(field: torch.Tensor, spacing: Sequence[float] | None = 
         spacing: voxel size per axis when ``field`` is in physical units.
 
     Returns:
-        ``[B, *S]`` determinant.
+        ``[B, *S]`` determinant (float32 for fp16/bf16 fields).
     """
     d = check_field(field)
+    field = _full(field)
     if min(field.shape[2:]) < 2:
         raise ValueError(f"jacobian_determinant: every spatial size must be >= 2, got {tuple(field.shape[2:])}.")
     steps = [1.0] * d if spacing is None else [float(s) for s in spacing]
     if len(steps) != d:
         raise ValueError(f"jacobian_determinant: need {d} spacings, got {list(steps)}.")
-    # grads[i][j] = d u_i / d x_j, each [B, *S]
-    grads = [torch.gradient(field[:, i], spacing=steps, dim=list(range(1, d + 1))) for i in range(d)]
-    jac = [[grads[i][j] + (1.0 if i == j else 0.0) for j in range(d)] for i in range(d)]
-    if d == 2:
-        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
-    return (
-        jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-        - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-        + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
-    )
+    with fp32(field.device):
+        # grads[i][j] = d u_i / d x_j, each [B, *S]
+        grads = [torch.gradient(field[:, i], spacing=steps, dim=list(range(1, d + 1))) for i in range(d)]
+        jac = [[grads[i][j] + (1.0 if i == j else 0.0) for j in range(d)] for i in range(d)]
+        if d == 2:
+            return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+        return (
+            jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+        )
 
 
 def folding_fraction(

@@ -11,6 +11,9 @@ official epsilons and the L1 allowance keep their meaning for any image size:
   on the voxel field: a true folding penalty.
 
 ``total = w_dist L_dist + w_ang L_ang + w_reg L_reg``.
+
+The loss is an fp32 island: it upcasts fp16/bf16 inputs and runs with autocast disabled, whatever the caller's
+precision setting.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from drdm.fields import check_field, jacobian_determinant, warp
+from transforms.precision import fp32
 
 __all__ = ["DRDMLoss", "l1_gradient_penalty", "negative_jacobian_penalty"]
 
@@ -105,10 +109,17 @@ class DRDMLoss(nn.Module):
             step_field: forward step field ``ψ_t`` ``[B, d, *S]`` (voxels).
 
         Returns:
-            Dict of scalar tensors.
+            Dict of scalar float32 (or float64) tensors.
         """
         check_field(pred, "pred")
         check_field(step_field, "step_field", pred.shape[2:])
+        low = (torch.float16, torch.bfloat16)
+        pred = pred.float() if pred.dtype in low else pred
+        step_field = step_field.float() if step_field.dtype in low else step_field
+        with fp32(pred.device):
+            return self._terms(pred, step_field)
+
+    def _terms(self, pred: torch.Tensor, step_field: torch.Tensor) -> dict[str, torch.Tensor]:
         resampled = _to_fraction(warp(pred, step_field, "bilinear", self.padding_mode))
         psi = _to_fraction(step_field)
         sq = lambda a: (a * a).sum(1)  # noqa: E731

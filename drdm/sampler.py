@@ -6,6 +6,10 @@ loop ``û_t = D_θ(I_0∘(id + φ), t)``, ``φ ← φ ⊕ û_t`` (apply ``û_t``
 deformation ``φ`` of the input. Labels are warped label-safely (nearest neighbour, or one-hot + linear +
 argmax), so the output label set is a subset of the input's. A folding guard redraws outputs whose folding
 fraction exceeds a threshold, a bounded number of times, and reports when it cannot be met.
+
+Speed: outputs are recovered in batches (``batch_size`` rows, each with its own seeded generator, so results do
+not depend on the batching), the network runs under the ``precision`` setting (bf16 autocast on CPU) while the
+fields stay fp32, and :class:`drdm.networks.RecoveryNet` uses channels-last convolutions.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from drdm.diffusion import DeformationDiffusion
 from drdm.fields import compose, folding_fraction, warp
+from transforms.precision import autocast, check_precision
 
 __all__ = [
     "DRDMSampler",
@@ -129,8 +134,21 @@ def warp_labels(
     return values.to(ddf.device)[warped.argmax(1, keepdim=True)].to(labels.dtype)
 
 
+def _module_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter (CPU for parameter-free modules)."""
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
 class DRDMSampler:
     """Algorithms 2-4 of DRDM with a trained recovery network.
+
+    Outputs are generated in batches: every output (a row) gets its own random generator, seeded from the
+    ``generator`` passed to :meth:`sample` / :meth:`augment`, which draws its random start field (and the
+    folding guard's redraws); the recovery then runs ``batch_size`` rows at a time. A row's result therefore
+    depends only on its image, its seed and its start level, not on ``batch_size`` nor on the other rows (up to
+    floating-point rounding of batched convolutions), and the same seed reproduces the same outputs.
 
     Args:
         network: recovery network ``D_θ(x, t) -> û`` (e.g. :class:`drdm.networks.RecoveryNet`).
@@ -147,6 +165,15 @@ class DRDMSampler:
         image_padding_mode: padding of the image warp (zeros, as in training).
         label_padding_mode: padding of the label warp.
         field_padding_mode: padding of the field compositions.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): the autocast precision of the
+            network's forward passes. Random fields, warps, compositions, Jacobians and every returned tensor stay
+            fp32 (see :mod:`transforms.precision`).
+        batch_size: rows (outputs × input batch) recovered together; bounds memory (activations grow linearly).
+        device: device the sampling runs on, used to validate ``precision`` at construction (default: the
+            network's device); the device of the images is checked again at each call.
+
+    Raises:
+        ValueError: a bad setting (named in the message), before any work.
     """
 
     def __init__(
@@ -162,6 +189,9 @@ class DRDMSampler:
         image_padding_mode: str = "zeros",
         label_padding_mode: str = "border",
         field_padding_mode: str = "border",
+        precision: str = "fp32",
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
     ) -> None:
         if start not in ("t_prime", "all"):
             raise ValueError(f"start must be 't_prime' (Algorithm 2) or 'all' (official), got {start!r}.")
@@ -173,6 +203,9 @@ class DRDMSampler:
             raise ValueError(f"folding_threshold is a fraction in [0, 1] (0.01 = 1 %), got {folding_threshold}.")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        self.precision = check_precision(precision, device if device is not None else _module_device(network))
         self.network = network
         self.diffusion = diffusion
         self.start = start
@@ -184,6 +217,7 @@ class DRDMSampler:
         self.image_padding_mode = image_padding_mode
         self.label_padding_mode = label_padding_mode
         self.field_padding_mode = field_padding_mode
+        self.batch_size = int(batch_size)
 
     # ------------------------------------------------------------------ validation
     def check_t_prime(self, t_prime: int) -> int:
@@ -197,38 +231,193 @@ class DRDMSampler:
             raise ValueError(f"T' (start level) must be an integer in [1, {t_max}], got {t_prime!r}.")
         return int(t_prime)
 
+    def _first_level(self, t_prime: int) -> int:
+        """First network level of the recovery loop for start level ``t_prime``."""
+        t_max = self.diffusion.num_timesteps
+        return t_max - 1 if self.start == "all" else min(t_prime, t_max - 1)
+
     def recovery_levels(self, t_prime: int) -> list[int]:
         """Network levels visited by the recovery loop for start level ``t_prime``."""
-        t_max = self.diffusion.num_timesteps
-        if self.start == "all":
-            return list(range(t_max - 1, -1, -1))
-        return list(range(min(t_prime, t_max - 1), 0, -1))
+        return list(range(self._first_level(t_prime), self._last_level - 1, -1))
+
+    @property
+    def _last_level(self) -> int:
+        return 0 if self.start == "all" else 1
+
+    def _check_image(self, image: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if image.ndim not in (4, 5):
+            raise ValueError(f"image must be [B, C, *S] with 2 or 3 spatial dims, got {tuple(image.shape)}.")
+        if labels is not None:
+            check_labels(labels, image)
 
     # ------------------------------------------------------------------ Algorithm 2
     @torch.no_grad()
-    def recover(self, image: torch.Tensor, random_ddf: torch.Tensor, t_prime: int) -> torch.Tensor:
+    def recover(
+        self, image: torch.Tensor, random_ddf: torch.Tensor, t_prime: int | Sequence[int] | torch.Tensor
+    ) -> torch.Tensor:
         """Deterministic recovery from ``φ = random_ddf``; returns the final ``φ``.
+
+        Rows with different start levels are recovered together: a row joins the loop at its first level.
+        The network runs under the sampler's ``precision``; ``φ`` and its compositions stay fp32.
 
         Args:
             image: ``[B, C, *S]`` original image (network intensity scale).
             random_ddf: ``[B, d, *S]`` starting field ``Ψ_{T'}``.
-            t_prime: start level.
+            t_prime: start level, one for all rows or one per row.
 
         Returns:
-            ``[B, d, *S]`` recovered field.
+            ``[B, d, *S]`` recovered field (float32 for fp16/bf16 inputs).
         """
+        batch = image.shape[0]
+        levels = torch.as_tensor(t_prime).reshape(-1).tolist()
+        if len(levels) == 1:
+            levels = levels * batch
+        if len(levels) != batch:
+            raise ValueError(f"recover: got {len(levels)} start levels for a batch of {batch}.")
+        first = torch.tensor([self._first_level(int(t)) for t in levels])
+        last = self._last_level
         was_training = self.network.training
         self.network.eval()
-        phi = random_ddf
+        phi = random_ddf.float() if random_ddf.dtype in (torch.float16, torch.bfloat16) else random_ddf
+        if bool((first != first.max()).any()):
+            phi = phi.clone()  # rows join at different levels: updated in place below, never the caller's tensor
         try:
-            for level in self.recovery_levels(t_prime):
-                current = warp(image, phi, self.image_mode, self.image_padding_mode)
-                t = torch.full((image.shape[0],), level, dtype=torch.long, device=image.device)
-                step = self.network(current, t)
-                phi = compose(phi, step, self.field_padding_mode)
+            with autocast(self.precision, image.device):
+                for level in range(int(first.max()) if batch else last - 1, last - 1, -1):
+                    active = first >= level
+                    rows = None if bool(active.all()) else torch.nonzero(active).flatten().to(image.device)
+                    x = image if rows is None else image[rows]
+                    current_phi = phi if rows is None else phi[rows]
+                    current = warp(x, current_phi, self.image_mode, self.image_padding_mode)
+                    t = torch.full((x.shape[0],), level, dtype=torch.long, device=image.device)
+                    step = self.network(current, t).float()
+                    updated = compose(current_phi, step, self.field_padding_mode)
+                    if rows is None:
+                        phi = updated
+                    else:
+                        phi[rows] = updated
         finally:
             self.network.train(was_training)
         return phi
+
+    def _draw(
+        self,
+        shape: Sequence[int],
+        levels: list[int],
+        generators: list[torch.Generator],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One random start field ``Ψ_{T'}`` per row, each from the row's own generator."""
+        fields = [
+            self.diffusion.sample_fields(shape, t, 1, g, device, dtype, with_step=False)[1]
+            for t, g in zip(levels, generators)
+        ]
+        return torch.cat(fields)
+
+    def _guarded_chunk(
+        self, image: torch.Tensor, levels: list[int], generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw, recover and apply the folding guard to one chunk of rows (redraws batched too)."""
+        batch, shape = image.shape[0], image.shape[2:]
+        dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
+        best_ddf = best_rand = best_fold = None
+        attempts = torch.zeros(batch, dtype=torch.long)
+        todo = torch.arange(batch)
+        for _ in range(self.max_retries + 1):
+            rows = todo.tolist()
+            rand = self._draw(shape, [levels[i] for i in rows], [generators[i] for i in rows], image.device, dtype)
+            dev_rows = todo.to(image.device)
+            ddf = self.recover(image[dev_rows], rand, [levels[i] for i in rows])
+            fold = folding_fraction(ddf).cpu()
+            attempts[todo] += 1
+            if best_ddf is None:
+                best_ddf, best_rand, best_fold = ddf, rand, fold
+            else:
+                better = fold < best_fold[todo]
+                idx = todo[better].to(image.device)
+                best_ddf[idx] = ddf[better.to(image.device)]
+                best_rand[idx] = rand[better.to(image.device)]
+                best_fold[todo[better]] = fold[better]
+            if self.folding_threshold is None:
+                break
+            todo = torch.nonzero(best_fold > self.folding_threshold).flatten()
+            if todo.numel() == 0:
+                break
+        assert best_ddf is not None and best_rand is not None and best_fold is not None
+        if self.folding_threshold is None:
+            accepted = torch.ones(batch, dtype=torch.bool)
+        else:
+            accepted = best_fold <= self.folding_threshold
+        return best_ddf, best_rand, best_fold, attempts, accepted
+
+    def _guard_message(self, levels: list[int], folds: list[float], total: int) -> str:
+        assert self.folding_threshold is not None
+        return (
+            f"DRDM folding guard: {len(folds)} of {total} output(s) at T'={sorted(set(levels))} keep a folding "
+            f"fraction of {[round(100 * f, 3) for f in folds]} % > threshold {100 * self.folding_threshold:.3f} % "
+            f"after {self.max_retries + 1} draws; lower T' or raise folding_threshold / max_retries."
+        )
+
+    def _run_rows(
+        self,
+        image: torch.Tensor,
+        sources: list[int],
+        levels: list[int],
+        labels: torch.Tensor | None,
+        seeds: list[int],
+    ) -> dict[str, torch.Tensor | None]:
+        """Algorithm 2 for rows ``(image[sources[i]], levels[i], seeds[i])``, ``batch_size`` rows at a time."""
+        # validate the precision on the images' device before any work
+        check_precision(self.precision, image.device)
+        parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("ddf", "image", "labels", "random_ddf", "fold", "attempts", "accepted")
+        }
+        failed: list[tuple[int, float]] = []
+        for begin in range(0, len(sources), self.batch_size):
+            end = min(begin + self.batch_size, len(sources))
+            src = torch.as_tensor(sources[begin:end], device=image.device)
+            chunk_levels = levels[begin:end]
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[begin:end]]
+            x = image[src]
+            ddf, rand, fold, attempts, accepted = self._guarded_chunk(x, chunk_levels, generators)
+            bad = [(chunk_levels[i], float(fold[i])) for i in range(len(chunk_levels)) if not bool(accepted[i])]
+            if bad and self.on_failure == "raise":
+                raise RuntimeError(self._guard_message([b[0] for b in bad], [b[1] for b in bad], len(sources)))
+            failed += bad
+            parts["ddf"].append(ddf)
+            parts["random_ddf"].append(rand)
+            parts["image"].append(warp(x, ddf, self.image_mode, self.image_padding_mode))
+            if labels is not None:
+                parts["labels"].append(warp_labels(labels[src], ddf, self.label_mode, self.label_padding_mode))
+            parts["fold"].append(fold)
+            parts["attempts"].append(attempts)
+            parts["accepted"].append(accepted)
+        if failed:
+            logger.warning(self._guard_message([b[0] for b in failed], [b[1] for b in failed], len(sources)))
+        return {k: (torch.cat(v) if v else None) for k, v in parts.items()}
+
+    @staticmethod
+    def _seeds(count: int, generator: torch.Generator | None) -> list[int]:
+        """Per-row seeds drawn from ``generator`` (the global torch RNG when ``None``)."""
+        return torch.randint(0, 2**62, (count,), generator=generator).tolist()
+
+    @staticmethod
+    def _result(rows: dict[str, torch.Tensor | None], begin: int, end: int, t_prime: int) -> SampleResult:
+        def part(key: str) -> torch.Tensor | None:
+            value = rows[key]
+            return None if value is None else value[begin:end]
+
+        return SampleResult(
+            part("ddf"),  # type: ignore[arg-type]
+            part("image"),  # type: ignore[arg-type]
+            part("labels"),
+            part("random_ddf"),  # type: ignore[arg-type]
+            t_prime,
+            part("fold"),  # type: ignore[arg-type]
+            part("attempts"),  # type: ignore[arg-type]
+            part("accepted"),  # type: ignore[arg-type]
+        )
 
     @torch.no_grad()
     def sample(
@@ -238,71 +427,26 @@ class DRDMSampler:
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> SampleResult:
-        """Algorithm 2 with the folding guard.
+        """Algorithm 2 with the folding guard, for every image of the batch (``batch_size`` at a time).
 
         Args:
             image: ``[B, C, *S]`` image in the network's intensity scale.
             t_prime: start level in ``[1, T]``.
             labels: optional ``[B, 1, *S]`` integer label map.
-            generator: random generator for reproducible draws.
+            generator: random generator for reproducible draws (one seed per image is drawn from it).
 
         Returns:
             :class:`SampleResult`.
 
         Raises:
-            ValueError: bad ``t_prime`` or labels.
+            ValueError: bad ``t_prime``, image, labels or precision for the image's device.
             RuntimeError: ``on_failure="raise"`` and the folding threshold could not be met.
         """
         t_prime = self.check_t_prime(t_prime)
-        if image.ndim not in (4, 5):
-            raise ValueError(f"image must be [B, C, *S] with 2 or 3 spatial dims, got {tuple(image.shape)}.")
-        if labels is not None:
-            check_labels(labels, image)
-        batch, shape = image.shape[0], image.shape[2:]
-        best_ddf = best_rand = best_fold = None
-        attempts = torch.zeros(batch, dtype=torch.long)
-        todo = torch.arange(batch)
-        for _ in range(self.max_retries + 1):
-            _, rand = self.diffusion.sample_fields(
-                shape, t_prime, len(todo), generator, image.device, image.dtype, with_step=False
-            )
-            ddf = self.recover(image[todo], rand, t_prime)
-            fold = folding_fraction(ddf).cpu()
-            attempts[todo] += 1
-            if best_ddf is None:
-                best_ddf, best_rand, best_fold = ddf, rand, fold
-            else:
-                better = fold < best_fold[todo]
-                idx = todo[better]
-                best_ddf[idx.to(image.device)] = ddf[better.to(image.device)]
-                best_rand[idx.to(image.device)] = rand[better.to(image.device)]
-                best_fold[idx] = fold[better]
-            if self.folding_threshold is None:
-                break
-            todo = torch.nonzero(best_fold > self.folding_threshold).flatten()
-            if todo.numel() == 0:
-                break
-        assert best_ddf is not None and best_rand is not None and best_fold is not None
-        accepted = (
-            torch.ones(batch, dtype=torch.bool)
-            if self.folding_threshold is None
-            else best_fold <= self.folding_threshold
-        )
-        if not bool(accepted.all()):
-            msg = (
-                f"DRDM folding guard: {int((~accepted).sum())} of {batch} output(s) at T'={t_prime} keep a folding "
-                f"fraction of {[round(100 * f, 3) for f in best_fold[~accepted].tolist()]} % > threshold "
-                f"{100 * self.folding_threshold:.3f} % after {self.max_retries + 1} draws; lower T' or raise "
-                "folding_threshold / max_retries."
-            )
-            if self.on_failure == "raise":
-                raise RuntimeError(msg)
-            logger.warning(msg)
-        warped = warp(image, best_ddf, self.image_mode, self.image_padding_mode)
-        warped_labels = (
-            None if labels is None else warp_labels(labels, best_ddf, self.label_mode, self.label_padding_mode)
-        )
-        return SampleResult(best_ddf, warped, warped_labels, best_rand, t_prime, best_fold, attempts, accepted)
+        self._check_image(image, labels)
+        batch = image.shape[0]
+        rows = self._run_rows(image, list(range(batch)), [t_prime] * batch, labels, self._seeds(batch, generator))
+        return self._result(rows, 0, batch, t_prime)
 
     __call__ = sample
 
@@ -318,22 +462,28 @@ class DRDMSampler:
     ) -> list[SampleResult]:
         """Algorithm 3: ``outputs_per_level`` deformed copies of ``(image, labels)`` for every level in ``t_primes``.
 
+        All outputs are generated as one batch of rows (``len(t_primes) · outputs_per_level · B``), recovered
+        ``batch_size`` rows at a time; rows of different levels share the loop (a row joins at its first level).
+
         Args:
             image: ``[B, C, *S]``.
             t_primes: start levels (each in ``[1, T]``; all checked before any work starts).
             outputs_per_level: outputs per level.
             labels: optional ``[B, 1, *S]`` labels.
-            generator: random generator.
+            generator: random generator (one seed per output and image is drawn from it, level-major).
 
         Returns:
-            ``len(t_primes) * outputs_per_level`` results, level-major.
+            ``len(t_primes) * outputs_per_level`` results (each for the whole input batch), level-major.
         """
         levels = [self.check_t_prime(t) for t in t_primes]
-        if outputs_per_level < 1:
-            raise ValueError(f"outputs_per_level must be >= 1, got {outputs_per_level}.")
-        if labels is not None:
-            check_labels(labels, image)
-        return [self.sample(image, t, labels, generator) for t in levels for _ in range(outputs_per_level)]
+        if isinstance(outputs_per_level, bool) or int(outputs_per_level) != outputs_per_level or outputs_per_level < 1:
+            raise ValueError(f"outputs_per_level must be an integer >= 1, got {outputs_per_level!r}.")
+        self._check_image(image, labels)
+        batch, count = image.shape[0], len(levels) * int(outputs_per_level)
+        row_levels = [t for t in levels for _ in range(int(outputs_per_level)) for _ in range(batch)]
+        sources = list(range(batch)) * count
+        rows = self._run_rows(image, sources, row_levels, labels, self._seeds(count * batch, generator))
+        return [self._result(rows, j * batch, (j + 1) * batch, row_levels[j * batch]) for j in range(count)]
 
     @torch.no_grad()
     def registration_pair(
@@ -344,10 +494,11 @@ class DRDMSampler:
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> RegistrationTriplet:
-        """Algorithm 4: a (moving, fixed, ground-truth DDF) triplet from one image.
+        """Algorithm 4: a (moving, fixed, ground-truth DDF) triplet per image of the batch.
 
         ``φ_aug`` = Alg2(I_0, t_aug), moving = ``φ_aug(I_0)``; ``φ_syn`` = Alg2(moving, t_syn); fixed is ``I_0``
-        warped once by ``φ_aug ∘ φ_syn`` (no double interpolation), so ``fixed ≈ warp(moving, φ_syn)``.
+        warped once by ``φ_aug ∘ φ_syn`` (no double interpolation), so ``fixed ≈ warp(moving, φ_syn)``. Several
+        triplets of one image: repeat it along the batch (each row draws its own fields; see :meth:`sample`).
 
         Args:
             image: ``[B, C, *S]``.
@@ -360,8 +511,7 @@ class DRDMSampler:
             :class:`RegistrationTriplet`.
         """
         t_aug, t_syn = self.check_t_prime(t_aug), self.check_t_prime(t_syn)
-        if labels is not None:
-            check_labels(labels, image)
+        self._check_image(image, labels)
         first = self.sample(image, t_aug, labels, generator)
         second = self.sample(first.image, t_syn, None, generator)
         total = compose(first.ddf, second.ddf, self.field_padding_mode)

@@ -6,6 +6,12 @@ predicts ``û = D_θ(I_t, t)`` and minimises :class:`drdm.losses.DRDMLoss`. The 
 unchanged; :class:`DRDMTrainer` only wires it up and exposes the loss terms for logging. Checkpoints are written
 atomically (:class:`AtomicCheckpointSaver`) as plain tensor dicts that MONAI's ``CheckpointLoader`` reloads with
 ``weights_only=True`` for resuming.
+
+Precision: ``SupervisedTrainer``'s ``amp`` autocasts CUDA only, so the network forward runs under
+:func:`transforms.precision.autocast` inside :class:`PrecisionInferer` (any device) and its output is upcast to fp32;
+the forward diffusion (``prepare_batch``) and :class:`~drdm.losses.DRDMLoss` run outside autocast / in an fp32
+island. fp16 (CUDA only) also enables MONAI's ``amp`` path for its gradient scaler. Parameters, optimiser state and
+checkpoints stay fp32.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from torch import nn
 from drdm.diffusion import DeformationDiffusion
 from drdm.losses import DRDMLoss
 from transforms.io import atomic_torch_save
+from transforms.precision import autocast, autocast_dtype, check_precision, make_grad_scaler
 
 __all__ = [
     "LOSS_KEYS",
     "AtomicCheckpointSaver",
     "DRDMPrepareBatch",
     "DRDMTrainer",
+    "PrecisionInferer",
     "augmentation_transforms",
     "loss_terms",
 ]
@@ -79,6 +87,28 @@ class DRDMPrepareBatch(PrepareBatch):
         return sample.image, sample.step_field, (sample.t,), {}
 
 
+class PrecisionInferer(SimpleInferer):
+    """:class:`monai.inferers.SimpleInferer` that runs the network under autocast and returns fp32.
+
+    Args:
+        precision: ``"fp32"`` (plain forward), ``"bf16"`` or ``"fp16"`` (CUDA only).
+        device: device used to validate ``precision`` (the autocast backend follows the inputs' device).
+
+    Raises:
+        ValueError: a precision the device cannot run (see :func:`transforms.precision.check_precision`).
+    """
+
+    def __init__(self, precision: str = "fp32", device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.precision = check_precision(precision, device)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """``network(inputs, *args, **kwargs)`` under autocast, upcast to float32."""
+        with autocast(self.precision, inputs.device):
+            out = network(inputs, *args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
 def loss_terms(output: Any) -> dict[str, float]:
     """``output_transform`` for Stats/TensorBoard handlers: the loss terms of the last iteration as floats."""
     out = output[0] if isinstance(output, (list, tuple)) else output
@@ -99,8 +129,13 @@ class DRDMTrainer(SupervisedTrainer):
         image_key: image key in the batch.
         epoch_length: iterations per epoch (default: loader length).
         train_handlers: ignite/MONAI handlers.
-        amp: mixed precision (CUDA only).
-        **kwargs: other :class:`SupervisedTrainer` arguments.
+        precision: ``"fp32"`` (default), ``"bf16"`` (CPU or GPU autocast) or ``"fp16"`` (CUDA only, with a
+            gradient scaler); validated before any work. Only the network forward is autocast.
+        amp: legacy switch, same as ``precision="fp16"``.
+        **kwargs: other :class:`SupervisedTrainer` arguments (not ``inferer``, ``amp_kwargs``).
+
+    Raises:
+        ValueError: a precision the device cannot run, or ``amp=True`` with another precision than fp16/fp32.
     """
 
     def __init__(
@@ -115,9 +150,16 @@ class DRDMTrainer(SupervisedTrainer):
         image_key: str = "image",
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
+        precision: str = "fp32",
         amp: bool = False,
         **kwargs: Any,
     ) -> None:
+        name = check_precision(precision, device)
+        if amp:
+            if name not in ("fp32", "fp16"):
+                raise ValueError(f"amp=True means precision='fp16'; got precision={precision!r} as well.")
+            name = check_precision("fp16", device)
+        self.precision = name
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -127,12 +169,15 @@ class DRDMTrainer(SupervisedTrainer):
             loss_function=loss_function if loss_function is not None else DRDMLoss(),
             epoch_length=epoch_length,
             prepare_batch=DRDMPrepareBatch(diffusion, image_key),
-            inferer=SimpleInferer(),
+            inferer=PrecisionInferer(name, device),
             train_handlers=train_handlers,
-            amp=amp,
+            amp=name == "fp16",
+            amp_kwargs={"dtype": autocast_dtype(name)} if name == "fp16" else None,
             decollate=False,
             **kwargs,
         )
+        if name == "fp16":  # MONAI builds torch.cuda.amp.GradScaler (deprecated); same object, current API
+            self.scaler = make_grad_scaler(name, device)
         self.diffusion = diffusion
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._record_terms)
 

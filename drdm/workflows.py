@@ -3,8 +3,9 @@ synthesis (Algorithm 4).
 
 Each output is written as NIfTI on the **input's geometry** (affine, spacing, orientation), together with its
 displacement field (``*_ddf.nii.gz``, voxels, MONAI ``Warp`` convention) and a JSON report (T', mean and
-99th-percentile displacement in mm and % of the image size, folding fraction, guard outcome). All inputs are
-checked before any sampling starts.
+99th-percentile displacement in mm and % of the image size, folding fraction, guard outcome). All inputs and
+settings (``precision`` included) are checked before any sampling starts. All outputs of one input are generated
+as one batch by :class:`~drdm.sampler.DRDMSampler` (``batch_size`` rows at a time, in ``sampler_kwargs``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from drdm.fields import warp
 from drdm.io import Volume, deformation_stats, load_network_weights, read_volume, save_ddf, save_volume
 from drdm.sampler import DRDMSampler, SampleResult
 from transforms.io import atomic_write_json
+from transforms.precision import check_precision
 
 __all__ = ["AugmentationWorkflow", "RegistrationPairWorkflow", "load_items"]
 
@@ -77,18 +79,26 @@ class _Job:
         seed: int = 0,
         device: str | torch.device = "cpu",
         save_random: bool = False,
+        precision: str = "fp32",
     ) -> None:
+        self.device = torch.device(device)
+        self.precision = check_precision(precision, self.device)
+        kwargs = dict(sampler_kwargs or {})
+        if "precision" in kwargs and check_precision(kwargs["precision"], self.device) != self.precision:
+            raise ValueError(
+                f"precision={precision!r} but sampler_kwargs['precision']={kwargs['precision']!r}; set one of them."
+            )
+        kwargs["precision"] = self.precision
         self.items = load_items(datalist, split)
         if not self.items:
             raise ValueError(f"datalist {datalist!s} has no items under {split!r}.")
         self.network = network
         self.checkpoint = checkpoint
         self.diffusion = diffusion
-        self.sampler = DRDMSampler(network, diffusion, **(sampler_kwargs or {}))
+        self.sampler = DRDMSampler(network, diffusion, device=self.device, **kwargs)
         self.output_dir = Path(output_dir)
         self.normalise = ScaleIntensityRangePercentiles(lower_percentile, upper_percentile, 0.0, 1.0, clip=True)
         self.seed = int(seed)
-        self.device = torch.device(device)
         self.save_random = save_random
         self.spatial_dims = int(getattr(network, "spatial_dims", 3))
 
@@ -129,18 +139,19 @@ class _Job:
         low = raw.amin()
         return warp(raw - low, ddf, "bilinear", "zeros") + low
 
-    def _report(self, result: SampleResult, vol: Volume, extra: dict[str, Any]) -> dict[str, Any]:
-        stats = deformation_stats(result.ddf[0], vol.spacing)
+    def _report(self, result: SampleResult, vol: Volume, extra: dict[str, Any], row: int = 0) -> dict[str, Any]:
+        stats = deformation_stats(result.ddf[row], vol.spacing)
         return {
             **extra,
             "t_prime": result.t_prime,
             "start": self.sampler.start,
             "recovery_steps": len(self.sampler.recovery_levels(result.t_prime)),
             **stats,
-            "random_field_mean_displacement_vox": float(result.random_ddf[0].norm(dim=0).mean()),
+            "random_field_mean_displacement_vox": float(result.random_ddf[row].norm(dim=0).mean()),
             "folding_threshold": self.sampler.folding_threshold,
-            "accepted": bool(result.accepted[0]),
-            "attempts": int(result.attempts[0]),
+            "accepted": bool(result.accepted[row]),
+            "attempts": int(result.attempts[row]),
+            "precision": self.sampler.precision,
             "spacing_mm": list(vol.spacing),
             "ddf_units": "voxels; component i = displacement along array axis i; out(x) = in(x + ddf(x))",
         }
@@ -168,6 +179,7 @@ class AugmentationWorkflow(_Job):
         seed: random seed of the draws.
         device: torch device.
         save_random: also save the random (unrecovered) field and image, for inspection.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only) for the network's forward passes.
     """
 
     def __init__(
@@ -194,39 +206,38 @@ class AugmentationWorkflow(_Job):
         datalist: list[dict[str, str]] = []
         for item in self.items:
             vol, raw, net_in, lab_vol, labels = self._load(item)
-            for t_prime in self.t_primes:
-                for k in range(self.outputs_per_level):
-                    start = time.perf_counter()
-                    res = self.sampler.sample(net_in, t_prime, labels, generator)
-                    stem = f"{item['id']}_tp{t_prime:03d}_{k:02d}"
-                    files = {"image": f"{stem}_image.nii.gz", "ddf": f"{stem}_ddf.nii.gz"}
+            start = time.perf_counter()
+            results = self.sampler.augment(net_in, self.t_primes, self.outputs_per_level, labels, generator)
+            seconds = (time.perf_counter() - start) / len(results)
+            for j, res in enumerate(results):
+                t_prime, k = res.t_prime, j % self.outputs_per_level
+                stem = f"{item['id']}_tp{t_prime:03d}_{k:02d}"
+                files = {"image": f"{stem}_image.nii.gz", "ddf": f"{stem}_ddf.nii.gz"}
+                save_volume(self._warp_original(raw, res.ddf)[0, 0], vol, self.output_dir / files["image"], np.float32)
+                save_ddf(res.ddf[0], vol, self.output_dir / files["ddf"])
+                if res.labels is not None and lab_vol is not None:
+                    files["label"] = f"{stem}_label.nii.gz"
+                    save_volume(res.labels[0, 0], lab_vol, self.output_dir / files["label"], lab_vol.array.dtype)
+                if self.save_random:
+                    files["random_image"] = f"{stem}_random_image.nii.gz"
                     save_volume(
-                        self._warp_original(raw, res.ddf)[0, 0], vol, self.output_dir / files["image"], np.float32
+                        self._warp_original(raw, res.random_ddf)[0, 0],
+                        vol,
+                        self.output_dir / files["random_image"],
+                        np.float32,
                     )
-                    save_ddf(res.ddf[0], vol, self.output_dir / files["ddf"])
-                    if res.labels is not None and lab_vol is not None:
-                        files["label"] = f"{stem}_label.nii.gz"
-                        save_volume(res.labels[0, 0], lab_vol, self.output_dir / files["label"], lab_vol.array.dtype)
-                    if self.save_random:
-                        files["random_image"] = f"{stem}_random_image.nii.gz"
-                        save_volume(
-                            self._warp_original(raw, res.random_ddf)[0, 0],
-                            vol,
-                            self.output_dir / files["random_image"],
-                            np.float32,
-                        )
-                    extra = {"id": item["id"], "source_image": str(item["image"]), "index": k, "files": files}
-                    report = self._report(res, vol, extra)
-                    report["seconds"] = time.perf_counter() - start
-                    atomic_write_json(report, self.output_dir / f"{stem}.json")
-                    reports.append(report)
-                    datalist.append({"id": stem, **{k2: v for k2, v in files.items() if k2 in ("image", "label")}})
-                    logger.info(
-                        "DRDM augment %s: %.2f %% mean displacement, folding %.3f %%",
-                        stem,
-                        report["mean_displacement_pct"],
-                        100 * report["folding_fraction"],
-                    )
+                extra = {"id": item["id"], "source_image": str(item["image"]), "index": k, "files": files}
+                report = self._report(res, vol, extra)
+                report["seconds"] = seconds  # batch time / outputs of this input
+                atomic_write_json(report, self.output_dir / f"{stem}.json")
+                reports.append(report)
+                datalist.append({"id": stem, **{k2: v for k2, v in files.items() if k2 in ("image", "label")}})
+                logger.info(
+                    "DRDM augment %s: %.2f %% mean displacement, folding %.3f %%",
+                    stem,
+                    report["mean_displacement_pct"],
+                    100 * report["folding_fraction"],
+                )
         atomic_write_json(reports, self.output_dir / "outputs.json")
         atomic_write_json(
             {"name": "drdm_augmented", "modalities": ["image"], "training": datalist},
@@ -282,27 +293,30 @@ class RegistrationPairWorkflow(_Job):
         for item in self.items:
             vol, raw, net_in, lab_vol, labels = self._load(item)
             for j, (t_aug, t_syn) in enumerate(self.level_pairs):
-                for k in range(self.outputs_per_pair):
-                    trip = self.sampler.registration_pair(net_in, t_aug, t_syn, labels, generator)
+                copies = self.outputs_per_pair  # all triplets of a pair as one batch of rows
+                batch_in = net_in.expand(copies, *net_in.shape[1:])
+                batch_labels = None if labels is None else labels.expand(copies, *labels.shape[1:])
+                trip = self.sampler.registration_pair(batch_in, t_aug, t_syn, batch_labels, generator)
+                for k in range(copies):
                     stem = f"{item['id']}_pair{j:02d}_{k:02d}"
-                    moving_ddf = trip.moving_result.ddf
+                    moving_ddf = trip.moving_result.ddf[k : k + 1]
                     files = {
                         "moving": f"{stem}_moving.nii.gz",
                         "fixed": f"{stem}_fixed.nii.gz",
                         "ddf": f"{stem}_ddf.nii.gz",
                     }
                     moving = self._warp_original(raw, moving_ddf)
-                    fixed = self._warp_original(raw, trip.source_to_fixed)
+                    fixed = self._warp_original(raw, trip.source_to_fixed[k : k + 1])
                     save_volume(moving[0, 0], vol, self.output_dir / files["moving"], np.float32)
                     save_volume(fixed[0, 0], vol, self.output_dir / files["fixed"], np.float32)
-                    save_ddf(trip.ddf[0], vol, self.output_dir / files["ddf"])
+                    save_ddf(trip.ddf[k], vol, self.output_dir / files["ddf"])
                     if lab_vol is not None and trip.moving_labels is not None and trip.fixed_labels is not None:
                         files["moving_label"] = f"{stem}_moving_label.nii.gz"
                         files["fixed_label"] = f"{stem}_fixed_label.nii.gz"
                         dt = lab_vol.array.dtype
-                        save_volume(trip.moving_labels[0, 0], lab_vol, self.output_dir / files["moving_label"], dt)
-                        save_volume(trip.fixed_labels[0, 0], lab_vol, self.output_dir / files["fixed_label"], dt)
-                    report = self._report(trip.fixed_result, vol, {"id": item["id"], "files": files})
+                        save_volume(trip.moving_labels[k, 0], lab_vol, self.output_dir / files["moving_label"], dt)
+                        save_volume(trip.fixed_labels[k, 0], lab_vol, self.output_dir / files["fixed_label"], dt)
+                    report = self._report(trip.fixed_result, vol, {"id": item["id"], "files": files}, row=k)
                     report.update({"t_aug": t_aug, "t_syn": t_syn, "index": k, "field": "ddf maps moving onto fixed"})
                     report["moving_field"] = deformation_stats(moving_ddf[0], vol.spacing)
                     atomic_write_json(report, self.output_dir / f"{stem}.json")

@@ -135,9 +135,11 @@ def test_augment_and_registration_pair():
     trip = sampler.registration_pair(image, 20, 20, labels, torch.Generator().manual_seed(0))
     assert torch.allclose(trip.moving, warp(image, trip.moving_result.ddf), atol=1e-6)
     assert torch.allclose(trip.source_to_fixed, compose(trip.moving_result.ddf, trip.ddf), atol=1e-6)
-    # the ground-truth field maps moving onto fixed (up to one extra interpolation)
-    err = (warp(trip.moving, trip.ddf) - trip.fixed).abs().mean()
-    base = (trip.moving - trip.fixed).abs().mean()
+    # the ground-truth field maps moving onto fixed (up to one extra interpolation); compared away from the
+    # border, where the moving image already holds zero padding (interior ratio 0.04-0.16 over 12 seeds)
+    inner = (slice(None), slice(None), *[slice(3, -3)] * 3)
+    err = (warp(trip.moving, trip.ddf) - trip.fixed)[inner].abs().mean()
+    base = (trip.moving - trip.fixed)[inner].abs().mean()
     assert err < 0.25 * base
     assert set(trip.fixed_labels.unique().tolist()) <= set(labels.unique().tolist())
 
