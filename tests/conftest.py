@@ -12,7 +12,7 @@ from data_prep.shared import shared_data_dir
 
 # Duplicate config keys are errors in tests (monai-bundle.md §1.4).
 os.environ.setdefault("MONAI_FAIL_ON_DUPLICATE_CONFIG", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
