@@ -43,7 +43,7 @@ from torch import nn
 from drdm.diffusion import DeformationDiffusion
 from drdm.losses import DRDMLoss
 from transforms.io import atomic_torch_save
-from transforms.precision import autocast, autocast_dtype, check_precision, make_grad_scaler
+from transforms.precision import autocast, autocast_dtype, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = [
     "LOSS_KEYS",
@@ -178,6 +178,8 @@ class DRDMTrainer(SupervisedTrainer):
         )
         if name == "fp16":  # MONAI builds torch.cuda.amp.GradScaler (deprecated); same object, current API
             self.scaler = make_grad_scaler(name, device)
+        else:  # bf16/fp32 have no scaler to skip a step with NaN/Inf gradients: never write NaN into the weights
+            skip_nonfinite_steps(optimizer, "DRDMTrainer")
         self.diffusion = diffusion
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._record_terms)
 

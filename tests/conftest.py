@@ -22,3 +22,15 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("shared data not found (set SHARED_DATA or place it at ../shared/data)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny tensors (2 OpenMP threads on 2 shared cores can be 10x slower).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_prep.synthetic_np import ensure_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -51,15 +51,6 @@ TINY = {
     "progress": False,
     "log_every": 1,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _overrides(root: Path, data: Path, **extra) -> dict:

@@ -27,12 +27,7 @@ from damm.workflow import build_autoencoders, build_discriminators
 KEYS = ["np_signal", "vessel", "nuclei"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int = 8, size: int = 16) -> list[dict]:

@@ -11,14 +11,7 @@ from damm.inferers import DAMMInferer
 from damm.networks import DAMMDenoiser
 from damm.workflow import DAMMModel, build_autoencoders
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scheduler() -> DDPMScheduler:

@@ -20,13 +20,7 @@ TINY = {"network_def#channels": [2, 4, 8], "diffusion#control_size": 16}
 AFFINE = np.array([[0.0, 0.0, 2.5, 10.0], [-1.5, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (2 OpenMP threads on 2 shared cores can be 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_case(folder: Path, name: str, shape=(20, 16, 12), seed=0, label_shape=None, float_label=False):

@@ -24,13 +24,7 @@ from drdm.fields import (
 SHAPES = {2: (24, 17), 3: (16, 13, 9)}  # non-square / non-cubic everywhere
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (2 OpenMP threads on 2 shared cores can be 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth_field(shape, amplitude, seed=0):

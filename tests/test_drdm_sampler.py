@@ -17,13 +17,7 @@ from transforms.deform import RandDRDMDeformd
 SHAPES = {2: (36, 28), 3: (20, 16, 12)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (2 OpenMP threads on 2 shared cores can be 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _RecordingNet(nn.Module):

@@ -106,3 +106,23 @@ def test_grad_scaler_only_for_fp16() -> None:
     assert make_grad_scaler("bf16", "cpu") is None
     with pytest.raises(ValueError, match="CUDA"):
         make_grad_scaler("fp16", "cpu")
+
+
+def test_skip_nonfinite_steps_keeps_weights_finite_and_counts() -> None:
+    from transforms.precision import skip_nonfinite_steps
+
+    lin = nn.Linear(3, 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    handle = skip_nonfinite_steps(opt)
+    before = [p.detach().clone() for p in lin.parameters()]
+    lin(torch.tensor([[float("nan"), 1.0, 2.0]])).sum().backward()
+    opt.step()
+    assert opt.skipped_nonfinite_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))  # the NaN step changed nothing
+    opt.zero_grad()
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert opt.skipped_nonfinite_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))  # a finite step updates
+    assert all(torch.isfinite(p).all() for p in lin.parameters())
+    handle.remove()

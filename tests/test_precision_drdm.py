@@ -26,13 +26,7 @@ SHAPES = {2: (32, 24), 3: (16, 16, 12)}
 TINY = {"network_def#channels": [2, 4, 8], "diffusion#control_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (2 OpenMP threads on 2 shared cores can be 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(d: int, seed: int = 0) -> RecoveryNet:
@@ -247,7 +241,7 @@ def test_bundle_configs_run_with_precision(tmp_path, d, precision):
     _workflow("drdm_augment.json", "augment", bundle, data, t_primes=[2, 3], outputs_per_level=2, **common).run()
     reports = json.loads((bundle / "eval" / "drdm_augment" / "outputs.json").read_text())
     assert len(reports) == 4 and {r["precision"] for r in reports} == {precision}
-    assert all(r["mean_displacement_mm"] > 0 for r in reports)
+    assert all(r["mean_displacement_mm"] > 0 for r in reports), [r["mean_displacement_mm"] for r in reports]
     pairs = _workflow("drdm_register_pairs.json", "register_pairs", bundle, data, outputs_per_pair=2, **common)
     pairs.run()
     reports = json.loads((bundle / "eval" / "drdm_register_pairs" / "outputs.json").read_text())

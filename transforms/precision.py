@@ -17,7 +17,9 @@ Parameters and checkpoints stay fp32: autocast casts per op, it never converts w
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +41,10 @@ __all__ = [
     "fp32",
     "keep_norms_fp32",
     "make_grad_scaler",
+    "skip_nonfinite_steps",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: The accepted ``precision`` settings.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -242,3 +247,38 @@ def make_grad_scaler(precision: str, device: str | torch.device | None = None) -
     if check_precision(precision, device) != "fp16":
         return None
     return torch.amp.GradScaler(_device_type(device))
+
+
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer, name: str = "optimizer") -> Any:
+    """Make ``optimizer.step()`` a no-op (with a warning) when any gradient is NaN/Inf.
+
+    A gradient scaler does this for fp16; bf16 has no scaler, and one non-finite gradient would otherwise write NaN
+    into the weights and, through every later checkpoint, lose the run. The hook drops all gradients of that step
+    (parameters whose ``grad`` is ``None`` are not updated) and counts the skipped steps in
+    ``optimizer.skipped_nonfinite_steps``.
+
+    Args:
+        optimizer: any ``torch.optim`` optimiser.
+        name: name used in the warning.
+
+    Returns:
+        The hook handle (``.remove()`` undoes it).
+    """
+    optimizer.skipped_nonfinite_steps = 0  # type: ignore[attr-defined]
+
+    def _pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # one fused pass, one sync
+            return
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        opt.skipped_nonfinite_steps += 1  # type: ignore[attr-defined]
+        logger.warning(
+            "%s: non-finite gradient, step skipped (%d so far); frequent skips mean the precision or the learning "
+            "rate is unsuitable",
+            name,
+            opt.skipped_nonfinite_steps,  # type: ignore[attr-defined]
+        )
+
+    return optimizer.register_step_pre_hook(_pre_step)

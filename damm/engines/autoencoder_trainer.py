@@ -32,7 +32,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.utils import eval_mode
 from torch import nn
 
-from transforms.precision import autocast, check_precision, make_grad_scaler
+from transforms.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = [
     "AutoencoderEvaluator",
@@ -212,6 +212,10 @@ class AutoencoderTrainer(Trainer):
         self.precision = precision
         # not `self.scaler`: MONAI's Trainer.run() overwrites that attribute from its own `amp` flag
         self.grad_scaler = make_grad_scaler(precision, device)
+        if self.grad_scaler is None:  # fp32/bf16: a NaN/Inf gradient skips the step instead of poisoning the weights
+            for opt, label in ((g_optimizer, "autoencoder optimiser"), (d_optimizer, "discriminator optimiser")):
+                if opt is not None:
+                    skip_nonfinite_steps(opt, label)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.grad_scaler is None:

@@ -25,7 +25,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
 
-from transforms.precision import autocast, check_precision, make_grad_scaler
+from transforms.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
 
@@ -152,6 +152,8 @@ class DAMMDiffusionTrainer(Trainer):
         self.precision = precision
         # not `self.scaler`: MONAI's Trainer.run() overwrites that attribute from its own `amp` flag
         self.grad_scaler = make_grad_scaler(precision, device)
+        if self.grad_scaler is None:  # fp32/bf16: a NaN/Inf gradient skips the step instead of poisoning the weights
+            skip_nonfinite_steps(optimizer, "DAMMDiffusionTrainer")
         for key in LOGGED_KEYS:
             Average(output_transform=lambda out, key=key: out[key]).attach(self, f"epoch_{key}")
 
