@@ -24,7 +24,7 @@ from damm.networks import (
     reference_forward_all,
 )
 
-__all__ = ["NAME", "run"]
+__all__ = ["NAME", "autoencoder_figures", "make_denoiser", "run"]
 
 NAME = "damm_network"
 
@@ -71,7 +71,7 @@ def _inputs(model: DAMMDenoiser, batch: int, size: int = 16) -> tuple[torch.Tens
     return x, t
 
 
-def _model(config: dict[str, Any]) -> DAMMDenoiser:
+def make_denoiser(config: dict[str, Any]) -> DAMMDenoiser:
     torch.manual_seed(0)
     model = DAMMDenoiser(**config).eval()
     for head in (model.uni.out[-1], model.multi.out[-1]):  # non-zero heads so the branches differ
@@ -208,7 +208,7 @@ def run(quick: bool = False) -> list[dict]:
     figs.append(figure("damm denoiser parameters (demo config)", n_demo / 1e6, "M", config="DEMO_DENOISER_CONFIG"))
 
     for label, config in (("demo", DEMO_DENOISER_CONFIG), ("paper", PAPER_DENOISER_CONFIG)):
-        model = _model(config)
+        model = make_denoiser(config)
         x1, t1 = _inputs(model, 1)
         gflops = _flops(model, x1, t1) / 1e9
         ref = {"reference": OFFICIAL_GFLOPS, "reference_label": "official UNet_DAMM, spec damm.md §2.9"}
@@ -243,7 +243,7 @@ def run(quick: bool = False) -> list[dict]:
             )
 
     # batched DAMMP (one forward for the batch) vs the official per-sample procedure, same weights
-    model = _model(DEMO_DENOISER_CONFIG).train()
+    model = make_denoiser(DEMO_DENOISER_CONFIG).train()
     batch = 16
     x, t = _inputs(model, batch)
     noise = torch.randn(batch, model.latent_channels, 16, 16, generator=torch.Generator().manual_seed(1))

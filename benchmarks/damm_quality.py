@@ -30,7 +30,7 @@ from damm.evaluation import evaluate_model, load_items
 from damm.workflow import load_model, load_split
 from transforms.io import atomic_write_json
 
-__all__ = ["NAME", "run"]
+__all__ = ["NAME", "bundle_workflow", "run", "train_stage"]
 
 NAME = "damm_quality"
 
@@ -54,7 +54,7 @@ QUICK = {
 }
 
 
-def _workflow(root: Path, data: Path, run_id: str, overrides: dict[str, Any]) -> ConfigWorkflow:
+def bundle_workflow(root: Path, data: Path, run_id: str, overrides: dict[str, Any]) -> ConfigWorkflow:
     return ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
         meta_file=str(CONFIGS / "metadata.json"),
@@ -68,8 +68,8 @@ def _workflow(root: Path, data: Path, run_id: str, overrides: dict[str, Any]) ->
     )
 
 
-def _train(root: Path, data: Path, overrides: dict[str, Any], run_id: str) -> None:
-    wf = _workflow(root, data, run_id, overrides)
+def train_stage(root: Path, data: Path, overrides: dict[str, Any], run_id: str) -> None:
+    wf = bundle_workflow(root, data, run_id, overrides)
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -77,7 +77,7 @@ def _train(root: Path, data: Path, overrides: dict[str, Any], run_id: str) -> No
 
 def _evaluate(root: Path, data: Path, overrides: dict[str, Any], steps_list: list[int], ddpm: bool) -> dict:
     """Evaluate the model of ``root``: branches with DDIM-50 (or the first of ``steps_list``) and the samplers."""
-    wf = _workflow(root, data, "train_diffusion", overrides)
+    wf = bundle_workflow(root, data, "train_diffusion", overrides)
     wf.initialize()
     parser = wf.parser
     model = load_model(parser.get_parsed_content("network"), root / "models" / "model.pt")
@@ -171,7 +171,7 @@ def run(quick: bool = False) -> list[dict]:
     figs: list[dict] = []
     try:
         t0 = time.perf_counter()
-        _train(ae_root, data, overrides, "train_autoencoder")
+        train_stage(ae_root, data, overrides, "train_autoencoder")
         figs.append(figure("stage 1 (3 autoencoders) wall time incl. reuse", time.perf_counter() - t0, "s", **params))
         results: dict[str, dict] = {}
         for source in SOURCES:
@@ -180,7 +180,7 @@ def run(quick: bool = False) -> list[dict]:
             shutil.copy2(ae_root / "models" / "model_autoencoder.pt", root / "models" / "model_autoencoder.pt")
             ov = {**overrides, "confidence_source": source}
             t0 = time.perf_counter()
-            _train(root, data, ov, "train_diffusion")
+            train_stage(root, data, ov, "train_diffusion")
             figs.append(
                 figure(f"stage 2 wall time (confidence_source={source})", time.perf_counter() - t0, "s", **params)
             )

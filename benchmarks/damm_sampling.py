@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.damm_quality import CACHE, CONFIGS, QUICK, _train, _workflow
+from benchmarks.damm_quality import CACHE, CONFIGS, QUICK, bundle_workflow, train_stage
 from benchmarks.timing import figure, time_call
 from damm.evaluation import load_items, per_item_metrics
 from damm.inferers import DAMMInferer, DAMMSampleOutput
@@ -108,12 +108,12 @@ def _prepare(base: Path, overrides: dict[str, Any], tiles: int) -> dict[str, Any
     ov = {**overrides, "confidence_source": source}
     t0 = time.perf_counter()
     if not (root / "models" / "model.pt").is_file():
-        _train(ae_root, data, overrides, "train_autoencoder")
+        train_stage(ae_root, data, overrides, "train_autoencoder")
         (root / "models").mkdir(parents=True, exist_ok=True)
         shutil.copy2(ae_root / "models" / "model_autoencoder.pt", root / "models" / "model_autoencoder.pt")
-        _train(root, data, ov, "train_diffusion")
+        train_stage(root, data, ov, "train_diffusion")
     train_seconds = time.perf_counter() - t0
-    wf = _workflow(root, data, "train_diffusion", ov)
+    wf = bundle_workflow(root, data, "train_diffusion", ov)
     wf.initialize()
     parser = wf.parser
     model = load_model(parser.get_parsed_content("network"), root / "models" / "model.pt")

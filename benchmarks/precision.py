@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from benchmarks.damm_network import _model
+from benchmarks.damm_network import make_denoiser
 from benchmarks.damm_quality import CACHE as QUALITY_CACHE
 from benchmarks.damm_quality import QUICK as QUALITY_QUICK
-from benchmarks.damm_quality import _train, _workflow
+from benchmarks.damm_quality import bundle_workflow, train_stage
 from benchmarks.damm_training import OFFICIAL_STEP_S_BATCH16, make_train_step, train_step_flops
 from benchmarks.hardware import matmul_peak_gflops
 from benchmarks.memory import peak_memory_mb
@@ -391,7 +391,7 @@ def _parity(quick: bool, cfg: dict[str, Any], common: dict[str, Any]) -> list[di
             torch.set_num_threads(1)
             try:
                 for stage in stages:
-                    _train(root, data, ov, stage)
+                    train_stage(root, data, ov, stage)
             finally:
                 torch.set_num_threads(threads)
             seconds = time.perf_counter() - t0
@@ -408,7 +408,7 @@ def _parity(quick: bool, cfg: dict[str, Any], common: dict[str, Any]) -> list[di
                         **common,
                     )
                 )
-            wf = _workflow(root, data, "train_diffusion", ov)
+            wf = bundle_workflow(root, data, "train_diffusion", ov)
             wf.initialize()
             parser = wf.parser
             models[variant] = load_model(parser.get_parsed_content("network"), root / "models" / "model.pt")
@@ -613,7 +613,7 @@ def run(quick: bool = False) -> list[dict]:
     train_res: dict[str, Any] = {}
     sample_res: dict[str, Any] = {}
     for label in cfg["denoisers"]:
-        denoiser = keep_norms_fp32(_model(DENOISERS[label]))
+        denoiser = keep_norms_fp32(make_denoiser(DENOISERS[label]))
         f, train_res[label] = _training(label, denoiser, cfg, peaks, common)
         figs += f
         denoiser.eval()

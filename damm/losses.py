@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
-from damm.networks.dtypes import upcast
-from transforms.precision import fp32
+from transforms.precision import fp32, upcast
 
 __all__ = ["DAMMLoss", "per_sample_reference_loss"]
 

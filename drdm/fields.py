@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from transforms.precision import fp32
+from transforms.precision import fp32, upcast
 
 __all__ = [
     "check_field",
@@ -44,14 +44,6 @@ __all__ = [
 
 _WARPERS: OrderedDict[tuple, Warp] = OrderedDict()
 _MAX_WARPERS = 16
-
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """``x`` upcast to float32 when it is fp16/bf16 (other dtypes unchanged)."""
-    return x.float() if x.dtype in _LOW_PRECISION else x
 
 
 class _CachedWarp(Warp):
@@ -133,7 +125,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     check_field(ddf, "ddf", image.shape[2:])
     if image.shape[0] != ddf.shape[0]:
         raise ValueError(f"warp: batch of image ({image.shape[0]}) and ddf ({ddf.shape[0]}) differ.")
-    image, ddf = _full(image), _full(ddf)
+    image, ddf = upcast(image), upcast(ddf)
     with fp32(ddf.device):
         return _warper(mode, padding_mode, ddf)(image, ddf.to(image.dtype) if image.is_floating_point() else ddf)
 
@@ -151,7 +143,7 @@ def compose(u: torch.Tensor, w: torch.Tensor, padding_mode: str = "border") -> t
     """
     check_field(u, "u")
     check_field(w, "w", u.shape[2:])
-    u, w = _full(u), _full(w)
+    u, w = upcast(u), upcast(w)
     with fp32(w.device):
         return w + warp(u, w, mode="bilinear", padding_mode=padding_mode)
 
@@ -323,7 +315,7 @@ def resize_crop_field(field: torch.Tensor, enlarged_shape: Sequence[int], crop_s
     d = field.ndim - 2
     if len(enlarged_shape) != d or len(crop_shape) != d:
         raise ValueError(f"resize_crop_field: need {d} sizes, got {enlarged_shape} and {crop_shape}.")
-    out = field = _full(field)
+    out = field = upcast(field)
     with fp32(field.device):  # the matrix products would run in bf16 under autocast
         for axis in range(d):
             big, keep = int(enlarged_shape[axis]), int(crop_shape[axis])
@@ -366,7 +358,7 @@ def jacobian_determinant(field: torch.Tensor, spacing: Sequence[float] | None = 
         ``[B, *S]`` determinant (float32 for fp16/bf16 fields).
     """
     d = check_field(field)
-    field = _full(field)
+    field = upcast(field)
     if min(field.shape[2:]) < 2:
         raise ValueError(f"jacobian_determinant: every spatial size must be >= 2, got {tuple(field.shape[2:])}.")
     steps = [1.0] * d if spacing is None else [float(s) for s in spacing]

@@ -9,7 +9,8 @@ back, so non-square / non-cubic images work.
 Precision: under ``torch.autocast`` (the ``precision`` setting of the DRDM trainer and sampler) the convolutions
 and time MLPs run in bf16/fp16, while the (instance) norms, the output head, the returned field and the warp and
 composition between recursive passes stay fp32 (:func:`transforms.precision.keep_norms_fp32` and fp32 islands).
-Memory format: ``channels_last`` (default) runs the convolutions in NHWC / NDHWC layout, measured faster on CPU for
+Memory format: ``channels_last`` (default) runs 2D convolutions in NHWC layout (3D stays contiguous: NDHWC bf16
+backward gave intermittent NaN gradients on CPU), measured faster on CPU for
 these narrow (10-40 channel) convolutions in fp32 and bf16, training and sampling (``benchmarks/drdm_sampling.py``);
 parameters and checkpoints are unaffected apart from their strides.
 """
@@ -126,8 +127,9 @@ class RecoveryNet(nn.Module):
         image_padding_mode: padding when re-warping the input between passes (official zeros).
         field_padding_mode: padding when composing the passes' fields (official border).
         max_period: sinusoidal embedding period.
-        memory_format: ``"channels_last"`` (default: NHWC / NDHWC convolutions, faster on CPU) or
-            ``"contiguous"``. Only the layout of the weights and activations changes; outputs are contiguous.
+        memory_format: ``"channels_last"`` (default: NHWC convolutions in 2D, faster on CPU) or ``"contiguous"``.
+            3D networks always run contiguous (NDHWC bf16 backward gave intermittent NaN gradients on CPU). Only
+            the layout of the weights and activations changes; outputs are contiguous.
 
     Raises:
         ValueError: bad ``spatial_dims``, ``channels``, ``recursions`` or ``memory_format``.
@@ -200,8 +202,10 @@ class RecoveryNet(nn.Module):
         keep_norms_fp32(self)
         self.memory_format = memory_format
         self._layout = torch.contiguous_format
-        if memory_format == "channels_last":
-            self._layout = torch.channels_last if d == 2 else torch.channels_last_3d
+        # 2D only: NDHWC (channels_last_3d) bf16 backward gave intermittent NaN gradients on CPU (4 of 6 one-step
+        # trainings of a 3D net; 0 of 6 contiguous), so 3D always runs contiguous
+        if memory_format == "channels_last" and d == 2:
+            self._layout = torch.channels_last
             self.to(memory_format=self._layout)
 
     @property

@@ -42,6 +42,7 @@ __all__ = [
     "keep_norms_fp32",
     "make_grad_scaler",
     "skip_nonfinite_steps",
+    "upcast",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,22 @@ logger = logging.getLogger(__name__)
 #: The accepted ``precision`` settings.
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """A half-precision (bf16/fp16) tensor as fp32; any other tensor unchanged (no copy, no fp64 downcast).
+
+    Outside autocast the networks compute in fp32 (or fp64 in numerical checks), where this is the identity, so
+    the fp32 islands change nothing there.
+
+    Args:
+        x: a tensor.
+
+    Returns:
+        ``x.float()`` when ``x`` is bf16 or fp16, else ``x``.
+    """
+    return x.float() if x.dtype in _HALF else x
 
 
 def _device_type(device: str | torch.device | None) -> str:

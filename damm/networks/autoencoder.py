@@ -29,8 +29,7 @@ import torch
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 from torch import nn
 
-from damm.networks.dtypes import upcast
-from transforms.precision import fp32, keep_norms_fp32
+from transforms.precision import fp32, keep_norms_fp32, upcast
 
 __all__ = [
     "AutoencoderOutput",

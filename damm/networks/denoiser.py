@@ -43,9 +43,8 @@ from monai.networks.nets.diffusion_model_unet import (
 )
 from torch import nn
 
-from damm.networks.dtypes import upcast
 from damm.networks.fusion import MMFM, UAFM
-from transforms.precision import fp32, keep_norms_fp32
+from transforms.precision import fp32, keep_norms_fp32, upcast
 
 __all__ = [
     "DEMO_DENOISER_CONFIG",

@@ -14,8 +14,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
-from damm.networks.dtypes import upcast
-from transforms.precision import fp32
+from transforms.precision import fp32, upcast
 
 __all__ = ["MMFM", "UAFM", "ModalityGate", "SqueezeExcitation", "make_norm"]
 
