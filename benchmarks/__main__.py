@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.report import write_report
 from benchmarks.runner import BENCH_DIR, discover, run_all, run_one
-from transforms.io import atomic_write_json
+from ddcore.atomic import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from monai.bundle import ConfigWorkflow
 from benchmarks.timing import figure
 from damm.evaluation import evaluate_model, load_items
 from damm.workflow import load_model, load_split
-from transforms.io import atomic_write_json
+from ddcore.atomic import atomic_write_json
 
 __all__ = ["NAME", "bundle_workflow", "run", "train_stage"]
 

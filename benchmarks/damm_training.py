@@ -24,7 +24,7 @@ from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
 from damm.losses import DAMMLoss, per_sample_reference_loss
 from damm.networks import DEMO_DENOISER_CONFIG, PAPER_DENOISER_CONFIG, DAMMDenoiser
-from transforms.precision import autocast, check_precision
+from ddcore.precision import autocast, check_precision
 
 __all__ = ["NAME", "OFFICIAL_STEP_S_BATCH16", "make_train_step", "run", "train_step_flops"]
 
@@ -48,7 +48,7 @@ def make_train_step(
 ) -> Callable[[], None]:
     """One divergence-aware training step (forward, DAMM loss, backward, AdamW) on fixed random inputs.
 
-    As in ``damm.engines.DAMMDiffusionTrainer``, the forward pass runs under ``transforms.precision.autocast`` and the
+    As in ``damm.engines.DAMMDiffusionTrainer``, the forward pass runs under ``ddcore.precision.autocast`` and the
     loss outside it (the per-sample procedure interleaves both under autocast); weights, gradients and the optimizer
     stay fp32.
 

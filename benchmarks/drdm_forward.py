@@ -21,8 +21,8 @@ import torch
 
 from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
+from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
-from transforms.precision import autocast
 
 __all__ = ["NAME", "run"]
 

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
+from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
 from drdm.fields import folding_fraction
 from drdm.networks import RecoveryNet
 from drdm.sampler import DRDMSampler, SampleResult
 from drdm.trainer import DRDMTrainer
-from transforms.precision import autocast
 
 __all__ = ["NAME", "run"]
 

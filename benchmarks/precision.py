@@ -53,7 +53,7 @@ from damm.evaluation import load_items, per_item_metrics
 from damm.inferers import DAMMInferer
 from damm.networks import DEMO_DENOISER_CONFIG, PAPER_DENOISER_CONFIG
 from damm.workflow import DAMMModel, load_model, load_split
-from transforms.precision import autocast, keep_norms_fp32
+from ddcore.precision import autocast, keep_norms_fp32
 
 __all__ = ["NAME", "run"]
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from transforms.io import atomic_path, atomic_write_text
+from ddcore.atomic import atomic_path, atomic_write_text
 
 __all__ = ["load_records", "write_report"]
 

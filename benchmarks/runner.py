@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transforms.io import atomic_write_json
+from ddcore.atomic import atomic_write_json
 
 __all__ = ["discover", "environment", "run_all", "run_one"]
 

@@ -23,8 +23,8 @@ from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 from damm.engines.autoencoder_trainer import to_unit_range
 from damm.engines.handlers import is_rank_zero
 from damm.inferers import DAMMInferer
-from transforms.io import atomic_path, atomic_write_json, atomic_write_text
-from transforms.precision import autocast
+from ddcore.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ddcore.precision import autocast
 
 __all__ = [
     "SUBSETS",

@@ -10,7 +10,7 @@ is seeded, and also returns the UAFM confidence map and the per-step branch choi
 object with the same attributes (``autoencoders``, ``denoiser``, ``target``, ``conditions``), so that
 ``inferer(inputs, network)`` works as MONAI Label calls a bundle inferer.
 
-Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``transforms.precision``): the
+Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``ddcore.precision``): the
 denoiser and the autoencoders run under ``torch.autocast``; their outputs are upcast to fp32, the running latent
 stays fp32 and every scheduler step is computed in fp32.
 """
@@ -27,7 +27,7 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from transforms.precision import autocast, canonical_precision, check_precision
+from ddcore.precision import autocast, canonical_precision, check_precision
 
 __all__ = ["BRANCHES", "DAMMInferer", "DAMMSampleOutput"]
 

@@ -8,7 +8,7 @@ multi-modal branch gets no noise-prediction gradient from samples gated to the u
 ``bce_weight * BCE(c, y) + pull_weight * mean((c - gamma)^2)`` weighted by ``alpha``. Total:
 ``mean_i(denoising_i) + alpha * confidence_term``.
 
-Mixed precision: the loss is an fp32 island (``transforms.precision.fp32``): predictions, noise and confidence are
+Mixed precision: the loss is an fp32 island (``ddcore.precision.fp32``): predictions, noise and confidence are
 upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not it is called under autocast.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
-from transforms.precision import fp32, upcast
+from ddcore.precision import fp32, upcast
 
 __all__ = ["DAMMLoss", "per_sample_reference_loss"]
 

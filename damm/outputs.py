@@ -6,7 +6,7 @@
 - The confidence map (UAFM ``u``, resized to the image) is written as float32 TIFF (microscopy) or NIfTI (volumes).
 - The sidecar records the model version, scheduler, steps, seed and the branch statistics.
 
-Every file goes through :func:`transforms.io.atomic_path` (temporary file, then rename).
+Every file goes through :func:`ddcore.atomic.atomic_path` (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from transforms.io import atomic_path, atomic_write_json
+from ddcore.atomic import atomic_path, atomic_write_json
 
 __all__ = [
     "SynthesisWriter",

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from damm.engines.handlers import is_rank_zero, load_checked_state_dict
-from transforms.io import atomic_torch_save
+from ddcore.atomic import atomic_torch_save
 
 __all__ = [
     "DAMMModel",

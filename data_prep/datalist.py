@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms.io import atomic_write_json
+from ddcore.atomic import atomic_write_json
 
 __all__ = ["SPLITS", "assign_splits", "load_datalist", "read_datalist", "relative_to", "write_datalist"]
 

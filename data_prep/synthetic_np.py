@@ -39,7 +39,7 @@ from scipy.spatial import cKDTree
 
 from data_prep._common import atomic_folder
 from data_prep.datalist import SPLITS, assign_splits, read_datalist, write_datalist
-from transforms.io import atomic_path
+from ddcore.atomic import atomic_path
 
 __all__ = [
     "DATALIST_NAME",

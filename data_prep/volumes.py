@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 from monai.data import load_decathlon_datalist
 
-from transforms.io import atomic_write_json
+from ddcore.atomic import atomic_write_json
 
 __all__ = ["build_volume_datalist", "find_volumes", "load_volume_datalist", "main"]
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ddcore.precision import fp32
 from drdm.fields import (
     compose,
     flow_power,
@@ -29,7 +30,6 @@ from drdm.fields import (
     sample_velocity,
     warp,
 )
-from transforms.precision import fp32
 
 __all__ = [
     "DeformationDiffusion",

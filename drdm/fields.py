@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from transforms.precision import fp32, upcast
+from ddcore.precision import fp32, upcast
 
 __all__ = [
     "check_field",

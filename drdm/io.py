@@ -1,6 +1,6 @@
 """DRDM file I/O: NIfTI volumes on the input geometry, displacement statistics, checkpoints.
 
-Everything is written atomically through :mod:`transforms.io`. Volumes are read and written with nibabel so the
+Everything is written atomically through :mod:`ddcore.atomic`. Volumes are read and written with nibabel so the
 output keeps the input's affine (spacing, orientation, origin) exactly; arrays stay in the file's axis order.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddcore.atomic import atomic_path
 from drdm.fields import check_field, folding_fraction
-from transforms.io import atomic_path
 
 __all__ = [
     "Volume",

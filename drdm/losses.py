@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ddcore.precision import fp32
 from drdm.fields import check_field, jacobian_determinant, warp
-from transforms.precision import fp32
 
 __all__ = ["DRDMLoss", "l1_gradient_penalty", "negative_jacobian_penalty"]
 

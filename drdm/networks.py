@@ -8,7 +8,7 @@ back, so non-square / non-cubic images work.
 
 Precision: under ``torch.autocast`` (the ``precision`` setting of the DRDM trainer and sampler) the convolutions
 and time MLPs run in bf16/fp16, while the (instance) norms, the output head, the returned field and the warp and
-composition between recursive passes stay fp32 (:func:`transforms.precision.keep_norms_fp32` and fp32 islands).
+composition between recursive passes stay fp32 (:func:`ddcore.precision.keep_norms_fp32` and fp32 islands).
 Memory format: ``channels_last`` (default) runs 2D convolutions in NHWC layout (3D stays contiguous: NDHWC bf16
 backward gave intermittent NaN gradients on CPU), measured faster on CPU for
 these narrow (10-40 channel) convolutions in fp32 and bf16, training and sampling (``benchmarks/drdm_sampling.py``);
@@ -25,8 +25,8 @@ from monai.networks.layers.factories import Act, Conv, Norm
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from ddcore.precision import fp32, keep_norms_fp32
 from drdm.fields import compose, warp
-from transforms.precision import fp32, keep_norms_fp32
 
 __all__ = ["AtrousBlock", "RecoveryNet", "TimeMLP", "make_norm"]
 

@@ -21,9 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ddcore.precision import autocast, check_precision
 from drdm.diffusion import DeformationDiffusion
 from drdm.fields import compose, folding_fraction, warp
-from transforms.precision import autocast, check_precision
 
 __all__ = [
     "DRDMSampler",
@@ -167,7 +167,7 @@ class DRDMSampler:
         field_padding_mode: padding of the field compositions.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): the autocast precision of the
             network's forward passes. Random fields, warps, compositions, Jacobians and every returned tensor stay
-            fp32 (see :mod:`transforms.precision`).
+            fp32 (see :mod:`ddcore.precision`).
         batch_size: rows (outputs × input batch) recovered together; bounds memory (activations grow linearly).
         device: device the sampling runs on, used to validate ``precision`` at construction (default: the
             network's device); the device of the images is checked again at each call.

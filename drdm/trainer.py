@@ -8,7 +8,7 @@ atomically (:class:`AtomicCheckpointSaver`) as plain tensor dicts that MONAI's `
 ``weights_only=True`` for resuming.
 
 Precision: ``SupervisedTrainer``'s ``amp`` autocasts CUDA only, so the network forward runs under
-:func:`transforms.precision.autocast` inside :class:`PrecisionInferer` (any device) and its output is upcast to fp32;
+:func:`ddcore.precision.autocast` inside :class:`PrecisionInferer` (any device) and its output is upcast to fp32;
 the forward diffusion (``prepare_batch``) and :class:`~drdm.losses.DRDMLoss` run outside autocast / in an fp32
 island. fp16 (CUDA only) also enables MONAI's ``amp`` path for its gradient scaler. Parameters, optimiser state and
 checkpoints stay fp32.
@@ -40,10 +40,10 @@ from monai.transforms import (
 )
 from torch import nn
 
+from ddcore.atomic import atomic_torch_save
+from ddcore.precision import autocast, autocast_dtype, check_precision, make_grad_scaler, skip_nonfinite_steps
 from drdm.diffusion import DeformationDiffusion
 from drdm.losses import DRDMLoss
-from transforms.io import atomic_torch_save
-from transforms.precision import autocast, autocast_dtype, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = [
     "LOSS_KEYS",
@@ -95,7 +95,7 @@ class PrecisionInferer(SimpleInferer):
         device: device used to validate ``precision`` (the autocast backend follows the inputs' device).
 
     Raises:
-        ValueError: a precision the device cannot run (see :func:`transforms.precision.check_precision`).
+        ValueError: a precision the device cannot run (see :func:`ddcore.precision.check_precision`).
     """
 
     def __init__(self, precision: str = "fp32", device: str | torch.device | None = None) -> None:
@@ -192,7 +192,7 @@ class DRDMTrainer(SupervisedTrainer):
 
 
 class _AtomicSaver(BaseSaveHandler):
-    """ignite save handler that writes through :func:`transforms.io.atomic_torch_save`."""
+    """ignite save handler that writes through :func:`ddcore.atomic.atomic_torch_save`."""
 
     def __init__(self, dirname: str | os.PathLike) -> None:
         self.dirname = Path(dirname)

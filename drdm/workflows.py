@@ -23,12 +23,12 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from ddcore.atomic import atomic_write_json
+from ddcore.precision import check_precision
 from drdm.diffusion import DeformationDiffusion
 from drdm.fields import warp
 from drdm.io import Volume, deformation_stats, load_network_weights, read_volume, save_ddf, save_volume
 from drdm.sampler import DRDMSampler, SampleResult
-from transforms.io import atomic_write_json
-from transforms.precision import check_precision
 
 __all__ = ["AugmentationWorkflow", "RegistrationPairWorkflow", "load_items"]
 

@@ -12,7 +12,7 @@ from drdm.diffusion import DeformationDiffusion
 from drdm.fields import compose, warp
 from drdm.networks import RecoveryNet
 from drdm.sampler import DRDMSampler, warp_labels
-from transforms.deform import RandDRDMDeformd
+from drdm.transforms import RandDRDMDeformd
 
 SHAPES = {2: (36, 28), 3: (20, 16, 12)}
 

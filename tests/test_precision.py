@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from transforms.precision import (
+from ddcore.precision import (
     FP32BatchNorm2d,
     FP32GroupNorm,
     FP32InstanceNorm3d,
@@ -109,7 +109,7 @@ def test_grad_scaler_only_for_fp16() -> None:
 
 
 def test_skip_nonfinite_steps_keeps_weights_finite_and_counts() -> None:
-    from transforms.precision import skip_nonfinite_steps
+    from ddcore.precision import skip_nonfinite_steps
 
     lin = nn.Linear(3, 2)
     opt = torch.optim.Adam(lin.parameters(), lr=0.1)

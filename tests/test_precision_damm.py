@@ -21,7 +21,7 @@ from damm.losses import DAMMLoss
 from damm.networks import DAMMDenoiser, build_autoencoder
 from damm.workflow import DAMMModel, build_autoencoders, build_discriminators
 from data_prep.synthetic_np import ensure_dataset
-from transforms.precision import autocast
+from ddcore.precision import autocast
 
 KEYS = ["np_signal", "vessel", "nuclei"]
 NORMS = (nn.GroupNorm, nn.LayerNorm, _BatchNorm)

@@ -10,7 +10,7 @@ Generator loss per modality: ``l1_weight * L1 + regularisation_weight * (KL or V
 reconstructed images. :class:`AutoencoderEvaluator` reports reconstruction PSNR and SSIM per modality: the
 ceiling the diffusion result can never beat.
 
-Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``transforms.precision``): the
+Mixed precision (``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` CUDA only; see ``ddcore.precision``): the
 network forward passes run under ``torch.autocast``, the losses in fp32 on upcast outputs, fp16 training uses a
 ``GradScaler``. Weights and checkpoints stay fp32.
 """
@@ -32,7 +32,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.utils import eval_mode
 from torch import nn
 
-from transforms.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
+from ddcore.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = [
     "AutoencoderEvaluator",

@@ -8,7 +8,7 @@ The output holds the total loss and both branch losses, the mean confidence, the
 samples gated to the multi-modal branch, for ``StatsHandler``/``TensorBoardStatsHandler``; their epoch means are
 attached as ignite metrics (``epoch_<name>``).
 
-Mixed precision (``precision``; see ``transforms.precision``): the noising and the denoiser forward run under
+Mixed precision (``precision``; see ``ddcore.precision``): the noising and the denoiser forward run under
 ``torch.autocast``; the denoiser returns fp32 predictions and confidence (its fp32 islands), the loss is computed in
 fp32 outside autocast, and fp16 (CUDA) scales the loss with a ``GradScaler``. Weights stay fp32.
 """
@@ -25,7 +25,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
 
-from transforms.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
+from ddcore.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
 

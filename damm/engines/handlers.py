@@ -1,7 +1,7 @@
 """Ignite/MONAI handlers used by the DAMM engines: atomic checkpoints, resume, progress bars, log helpers.
 
 Checkpoints are written by MONAI's :class:`~monai.handlers.CheckpointSaver`; :class:`AtomicCheckpointSaver` only
-swaps its disk writer for one that goes through :func:`transforms.io.atomic_torch_save` (MONAI builds ignite's
+swaps its disk writer for one that goes through :func:`ddcore.atomic.atomic_torch_save` (MONAI builds ignite's
 ``DiskSaver`` with ``atomic=False``). :class:`ResumeFromCheckpoint` finds the newest checkpoint of a folder and
 restores it with MONAI's :class:`~monai.handlers.CheckpointLoader`, after checking that every tensor has the shape
 the current configuration expects, so a checkpoint from another configuration fails before any training.
@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from transforms.io import atomic_torch_save
+from ddcore.atomic import atomic_torch_save
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -185,7 +185,7 @@ def load_checked_state_dict(
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` writing through :func:`transforms.io.atomic_torch_save` (temp file + rename)."""
+    """ignite ``DiskSaver`` writing through :func:`ddcore.atomic.atomic_torch_save` (temp file + rename)."""
 
     def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, atomic=True, require_empty=False)

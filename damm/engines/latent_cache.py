@@ -23,7 +23,7 @@ from monai.transforms import Compose, Randomizable
 from torch import nn
 from torch.utils.data import Dataset
 
-from transforms.precision import autocast, check_precision
+from ddcore.precision import autocast, check_precision
 
 __all__ = ["LatentCacheDataset", "has_random_transform"]
 

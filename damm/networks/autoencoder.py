@@ -15,7 +15,7 @@ Both kinds share one meaning of ``channels``: ``channels[0]`` works at full reso
 halves the spatial size, so ``downsample_factor == 2 ** (len(channels) - 1)``.
 
 Mixed precision: the builders make every normalisation layer compute in fp32 under ``torch.autocast``
-(``transforms.precision.keep_norms_fp32``); the KL term, the VQ codebook search/update and the latent scaling run
+(``ddcore.precision.keep_norms_fp32``); the KL term, the VQ codebook search/update and the latent scaling run
 in fp32 on upcast tensors. Outside autocast nothing changes.
 """
 
@@ -29,7 +29,7 @@ import torch
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 from torch import nn
 
-from transforms.precision import fp32, keep_norms_fp32, upcast
+from ddcore.precision import fp32, keep_norms_fp32, upcast
 
 __all__ = [
     "AutoencoderOutput",

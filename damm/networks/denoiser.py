@@ -21,7 +21,7 @@ cross-attends from the uni-modal to the fused features and returns the per-token
 ``c = mean(u)`` per sample and picks ``eps_uni`` where ``c < gamma``, else ``eps_multi``, for the whole batch at
 once.
 
-Mixed precision: the network runs under ``torch.autocast`` (``transforms.precision.autocast``) unchanged. Every
+Mixed precision: the network runs under ``torch.autocast`` (``ddcore.precision.autocast``) unchanged. Every
 normalisation layer computes in fp32 (``keep_norms_fp32``), the UAFM confidence and softmax are fp32 islands, and
 the confidence ``c``, the gating decision and every returned prediction are fp32. Outside autocast nothing changes.
 """
@@ -44,7 +44,7 @@ from monai.networks.nets.diffusion_model_unet import (
 from torch import nn
 
 from damm.networks.fusion import MMFM, UAFM
-from transforms.precision import fp32, keep_norms_fp32, upcast
+from ddcore.precision import fp32, keep_norms_fp32, upcast
 
 __all__ = [
     "DEMO_DENOISER_CONFIG",

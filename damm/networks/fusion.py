@@ -14,7 +14,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
-from transforms.precision import fp32, upcast
+from ddcore.precision import fp32, upcast
 
 __all__ = ["MMFM", "UAFM", "ModalityGate", "SqueezeExcitation", "make_norm"]
 
@@ -155,7 +155,7 @@ class UAFM(nn.Module):
     ``1 - U``) before the softmax, output ``x + W_o(softmax(.) V)``.
 
     Under mixed precision (autocast) the projections and ``QK^T`` run in the low precision while the confidence
-    head, its sigmoid, the scaling of the logits by ``u`` and the softmax run in fp32 (``transforms.precision.fp32``
+    head, its sigmoid, the scaling of the logits by ``u`` and the softmax run in fp32 (``ddcore.precision.fp32``
     on upcast inputs); ``u`` is always fp32.
 
     Args:

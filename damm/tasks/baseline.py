@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.nets import UNet
 from torch import nn
 
-from transforms.io import atomic_torch_save
+from ddcore.atomic import atomic_torch_save
 
 __all__ = [
     "UNetPredictor",

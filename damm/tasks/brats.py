@@ -53,9 +53,9 @@ from damm.tasks.common import (
 from damm.tasks.metrics import region_metrics, to_unit
 from data_prep.brats import LABEL_KEY, MODALITIES, SCHEMES, detect_scheme, find_subjects, modality_filename
 from data_prep.datalist import assign_splits, read_datalist
+from ddcore.atomic import atomic_path, atomic_write_json
 from transforms.checks import affine_of
 from transforms.intensity import NORM_META_KEY, denormalise
-from transforms.io import atomic_path, atomic_write_json
 from transforms.pipelines import brats_volume_pipeline
 from transforms.slices import foreground_fractions, take_slice
 

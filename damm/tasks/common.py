@@ -26,8 +26,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from transforms.io import atomic_write_json, atomic_write_text
-from transforms.precision import autocast, autocast_dtype, check_precision
+from ddcore.atomic import atomic_write_json, atomic_write_text
+from ddcore.precision import autocast, autocast_dtype, check_precision
 
 __all__ = [
     "AutoencoderCeiling",

@@ -45,8 +45,8 @@ from damm.tasks.common import (
 from damm.tasks.metrics import region_metrics, to_unit
 from data_prep.datalist import assign_splits
 from data_prep.microscopy import DEFAULT_PATTERN, find_fields, tile_positions
+from ddcore.atomic import atomic_path, atomic_write_json
 from transforms.intensity import normalise, robust_range
-from transforms.io import atomic_path, atomic_write_json
 
 __all__ = [
     "FieldInference",

@@ -1,0 +1,164 @@
+"""Crash-safe file writing shared by every part of the project.
+
+Every checkpoint, image and report the project writes goes through :func:`atomic_path`: the data is
+written to a temporary file in the destination folder, flushed to disk (``fsync``) and renamed over the
+destination only once it is complete, so an interrupted run never leaves a half-written file that looks valid.
+Temporary files are named ``.<name>.<token>.tmp<suffix>``; :func:`is_temporary` recognises them so that
+checkpoint discovery and result globs never mistake one for a result, and :func:`remove_stale_temporaries`
+clears those a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_path",
+    "is_temporary",
+    "remove_stale_temporaries",
+]
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a temporary file of :func:`atomic_path` (or a folder of the same pattern).
+
+    Args:
+        path: a file or folder path.
+
+    Returns:
+        True for ``.<name>.<16 hex digits>.tmp...`` names.
+    """
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) content to disk.
+
+    Args:
+        path: an existing file or folder.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left directly in ``folder``.
+
+    Only names :func:`is_temporary` recognises are touched; a folder that does not exist is fine.
+
+    Args:
+        folder: the output folder of a run.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if is_temporary(entry) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; flush it and rename it onto ``path`` when the block succeeds.
+
+    The temporary file is created with ``os.open(..., 0o666)``, so the result gets the permissions ``open()``
+    would give it under the process umask (the umask is never changed or read).
+
+    Args:
+        path: final destination. Its parent folder is created if needed.
+        suffix: suffix of the temporary file (defaults to the destination's full suffix, so writers that
+            choose a format by extension, e.g. ``.nii.gz`` or ``.tif``, still work).
+
+    Yields:
+        The temporary path to write to.
+
+    Raises:
+        Whatever the block raises; the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes)
+    while True:
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(8)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` that never leaves a truncated file at ``path``.
+
+    Args:
+        obj: object to save (prefer plain tensor dicts so ``torch.load(weights_only=True)`` works).
+        path: destination file.
+
+    Returns:
+        The destination path.
+    """
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8).
+
+    Args:
+        text: content.
+        path: destination file.
+
+    Returns:
+        The destination path.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
+    """Serialise ``obj`` as JSON to ``path`` atomically.
+
+    Args:
+        obj: JSON-serialisable object.
+        path: destination file.
+        indent: indentation of the output.
+
+    Returns:
+        The destination path.
+    """
+    return atomic_write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n", path)
