@@ -1,7 +1,8 @@
 """``python -m benchmarks run [--quick] [--only NAME ...] [--out DIR] [--report FILE]``.
 
 Runs the benchmark modules (each in a subprocess), writes one JSON record per benchmark and regenerates the
-markdown report with its plots. ``python -m benchmarks list`` shows what is available.
+markdown report with its plots; exits 1 when any benchmark recorded an error. ``python -m benchmarks list`` shows
+what is available.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or BENCH_DIR / "results"
     report = args.report or (BENCH_DIR / "RESULTS.md" if args.out is None else out / "RESULTS.md")
     try:
-        run_all(out, quick=args.quick, only=args.only)
+        written = run_all(out, quick=args.quick, only=args.only)
     except ValueError as exc:
         parser.error(str(exc))
     path = write_report(out, report)
     print(f"[benchmarks] report: {path}")
+    failed = [p.stem for p in written if json.loads(p.read_text()).get("error")]
+    if failed:  # a benchmark that errors fails the run (and the test suite that runs it)
+        print(f"[benchmarks] FAILED: {', '.join(failed)} (see the 'error' field of their records)", file=sys.stderr)
+        return 1
     return 0
 
 

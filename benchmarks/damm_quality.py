@@ -26,8 +26,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from benchmarks.timing import figure
+from damm.data import load_split
 from damm.evaluation import evaluate_model, load_items
-from damm.workflow import load_model, load_split
+from damm.model import load_model
 from ddcore.atomic import atomic_write_json
 
 __all__ = ["NAME", "bundle_workflow", "run", "train_stage"]
@@ -56,7 +57,7 @@ QUICK = {
 
 def bundle_workflow(root: Path, data: Path, run_id: str, overrides: dict[str, Any]) -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
+        config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,  # keep stdout for the JSON figures
         run_id=run_id,

@@ -32,12 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.metrics import compute_roc_auc
 
 from benchmarks.damm_quality import CACHE, CONFIGS, QUICK, bundle_workflow, train_stage
 from benchmarks.timing import figure, time_call
+from damm.data import load_split
 from damm.evaluation import load_items, per_item_metrics
 from damm.inferers import DAMMInferer, DAMMSampleOutput
-from damm.workflow import load_model, load_split
+from damm.model import load_model
 
 __all__ = ["NAME", "auroc", "run"]
 
@@ -67,7 +69,10 @@ CHANCE_LABEL = "chance (AUROC 0.5)"
 
 
 def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for the positive ``labels`` (Mann-Whitney U, ties count one half).
+    """Area under the ROC curve of ``scores`` for the positive ``labels`` (:func:`monai.metrics.compute_roc_auc`).
+
+    MONAI's AUROC is the Mann-Whitney statistic (a tie between a positive and a negative counts one half). A single
+    class gives NaN here without calling it (MONAI would return NaN too, with a warning per call).
 
     Args:
         scores: one finite score per item; higher means "more likely positive".
@@ -85,18 +90,13 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndar
         raise ValueError(f"auroc: {s.size} scores but {y.size} labels")
     if not np.isfinite(s).all():
         raise ValueError("auroc: scores must be finite")
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # 1-based ranks, ties get their average rank
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(compute_roc_auc(torch.from_numpy(s), torch.from_numpy(y.astype(np.int64))))
 
 
 def _default_source() -> str:
-    return str(json.loads((CONFIGS / "train.json").read_text())["confidence_source"])
+    return str(json.loads((CONFIGS / "common.json").read_text())["confidence_source"])
 
 
 def _prepare(base: Path, overrides: dict[str, Any], tiles: int) -> dict[str, Any]:

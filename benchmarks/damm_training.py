@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.damm_network import _inputs, _model
+from benchmarks.damm_network import _inputs, make_denoiser
 from benchmarks.hardware import matmul_peak_gflops
 from benchmarks.memory import peak_memory_mb
 from benchmarks.timing import figure, time_call
 from damm.losses import DAMMLoss, per_sample_reference_loss
 from damm.networks import DEMO_DENOISER_CONFIG, PAPER_DENOISER_CONFIG, DAMMDenoiser
+from ddcore.device import module_device
 from ddcore.precision import autocast, check_precision
 
 __all__ = ["NAME", "OFFICIAL_STEP_S_BATCH16", "make_train_step", "run", "train_step_flops"]
@@ -32,10 +33,6 @@ NAME = "damm_training"
 
 #: Official DAMM code, paper configuration, fp32, these 2 cores: seconds per divergence-aware step at batch 16.
 OFFICIAL_STEP_S_BATCH16 = 5.67
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def make_train_step(
@@ -64,7 +61,7 @@ def make_train_step(
     Returns:
         A zero-argument callable running one step.
     """
-    device = _device(model)
+    device = module_device(model)
     precision = check_precision(precision, device)
     x, t = _inputs(model, batch, size)
     noise = torch.randn((batch, model.latent_channels, *x.shape[2:]), generator=torch.Generator().manual_seed(1))
@@ -101,7 +98,7 @@ def train_step_flops(model: DAMMDenoiser, batch: int = 2, size: int = 16) -> flo
     Returns:
         FLOPs per sample (``torch.utils.flop_counter``, fp32; the count is the same in any precision).
     """
-    device = _device(model)
+    device = module_device(model)
     x, t = _inputs(model, batch, size)
     noise = torch.randn((batch, model.latent_channels, *x.shape[2:]))
     counter = FlopCounterMode(display=False)
@@ -133,7 +130,7 @@ def run(quick: bool = False) -> list[dict]:
     batches = (8,) if quick else (8, 16, 32)
     repeat = 2 if quick else 3
     for label, config in configs.items():
-        model = _model(config).train()
+        model = make_denoiser(config).train()
         flops_per_sample = train_step_flops(model)
         common = {"precision": "fp32", "config": label, "channels_last": False, "threads": threads, "quick": quick}
         figs.append(

@@ -68,7 +68,7 @@ def _workflow(overlay: str, root: Path, data: Path, run_id: str, settings: dict[
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / overlay)],
+        config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train.json"), str(CONFIGS / overlay)],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"),
         run_id=run_id,

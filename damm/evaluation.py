@@ -21,9 +21,9 @@ import torch
 from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 
 from damm.engines.autoencoder_trainer import to_unit_range
-from damm.engines.handlers import is_rank_zero
 from damm.inferers import DAMMInferer
 from ddcore.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ddcore.device import is_rank_zero
 from ddcore.precision import autocast
 
 __all__ = [
@@ -152,7 +152,7 @@ def evaluate_model(
     """Evaluate every method on stacked images.
 
     Args:
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: the configured sampler (its sampler/steps/seed are used; ``branch``/``num_samples`` replaced).
         images: ``{modality: [N, C, *spatial]}`` in ``[-1, 1]``.
         info: per-item ``id``/``divergent``.
@@ -375,10 +375,10 @@ def run_evaluation(
     items: Sequence[Mapping[str, Any]],
     transform: Callable,
     output_dir: str | Path,
+    ddpm_items: int,
     model_path: str | Path | None = None,
     branches: Sequence[str] = ("damm", "uni", "multi"),
     num_samples: int = 4,
-    ddpm_items: int = 0,
     spatial_dims: int = 2,
     ssim_win_size: int = 11,
     montage_rows: int = 3,
@@ -389,15 +389,15 @@ def run_evaluation(
     Only rank 0 evaluates under ``torch.distributed``; the others return ``None``.
 
     Args:
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: configured sampler.
         items: held-out datalist items (target and conditions).
         transform: deterministic image pipeline.
         output_dir: where ``evaluation.json``, ``evaluation.md`` and ``montage.png`` go.
+        ddpm_items: items for the DDIM-vs-DDPM-1000 comparison (0 skips).
         model_path: ``models/model.pt`` to load first (``None``: use ``model`` as is).
         branches: branches to evaluate.
         num_samples: K of the K-sample mean.
-        ddpm_items: items for the DDIM-vs-DDPM-1000 comparison (0 skips).
         spatial_dims: 2 or 3.
         ssim_win_size: SSIM window.
         montage_rows: montage rows per subset.
@@ -406,7 +406,8 @@ def run_evaluation(
     Returns:
         The results dict (rank 0) or ``None``.
     """
-    from damm.workflow import barrier, load_model
+    from damm.distributed import barrier
+    from damm.model import load_model
 
     if not is_rank_zero():
         barrier()

@@ -27,6 +27,7 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from ddcore.device import module_device
 from ddcore.precision import autocast, canonical_precision, check_precision
 
 __all__ = ["BRANCHES", "DAMMInferer", "DAMMSampleOutput"]
@@ -83,14 +84,6 @@ class DAMMSampleOutput:
         return stats
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 class DAMMInferer(Inferer):
     """Latent DAMM-Diffusion sampler (and the noisy-input helper used by the diffusion trainer).
 
@@ -104,7 +97,8 @@ class DAMMInferer(Inferer):
         branch: ``"damm"`` (DAMMP-gated), ``"uni"`` or ``"multi"``.
         num_samples: K samples per input; the prediction is their mean.
         seed: seed of the sampling noise (``None``: the global RNG).
-        batch_size: inputs sampled together (``K`` copies each); ``None`` = all at once.
+        batch_size: inputs sampled together (``K`` copies each); ``None`` = all at once. No default: the bundle
+            sets it per run (``eval_batch_size`` in training, the loader's ``batch_size`` in inference).
         progress: show a tqdm bar over the sampling steps.
         keep_samples: keep the K individual samples in the output.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the denoiser and
@@ -120,12 +114,13 @@ class DAMMInferer(Inferer):
         scheduler: DDPMScheduler,
         sampler: str = "ddim",
         num_inference_steps: int | None = 50,
-        eta: float = 0.0,
+        eta: float = 1.0,
         branch: str = "damm",
         num_samples: int = 1,
         seed: int | None = 0,
-        batch_size: int | None = None,
-        progress: bool = False,
+        *,
+        batch_size: int | None,
+        progress: bool = True,
         keep_samples: bool = False,
         precision: str = "fp32",
     ) -> None:
@@ -302,7 +297,7 @@ class DAMMInferer(Inferer):
         Returns:
             ``[z_anchor, z_aux_1, ...]`` (fp32).
         """
-        device = _module_device(network.denoiser)
+        device = module_device(network.denoiser)
         self.check_device(device)
         latents = []
         for k, x in zip(network.conditions, images):
@@ -458,7 +453,7 @@ class DAMMInferer(Inferer):
             ValueError: bad inputs, or a ``precision`` the network's device cannot run (before any work).
         """
         images = self._split_conditions(inputs, network)
-        device = _module_device(network.denoiser)
+        device = module_device(network.denoiser)
         self.check_device(device)
         n = images[0].shape[0]
         bs = n if self.batch_size is None else self.batch_size

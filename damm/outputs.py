@@ -2,11 +2,13 @@
 
 - Microscopy tiles (PNG/TIFF): the prediction is mapped back to the input intensity scale and written with the
   reference file's format, size and integer type (8- or 16-bit PNG, TIFF of the same dtype).
-- Volumes (NIfTI): the prediction is written with the reference image's affine and header.
+- Volumes (NIfTI): the prediction is written on the reference image's grid by :func:`ddcore.images.save_nifti_like`
+  (the project's one NIfTI writer: affine, qform and sform with their codes kept).
 - The confidence map (UAFM ``u``, resized to the image) is written as float32 TIFF (microscopy) or NIfTI (volumes).
 - The sidecar records the model version, scheduler, steps, seed and the branch statistics.
 
-Every file goes through :func:`ddcore.atomic.atomic_path` (temporary file, then rename).
+Every file goes through :func:`ddcore.atomic.atomic_path` (temporary file, then rename). :func:`to_input_scale` and
+:func:`write_tiff` are also the real-data tasks' (:mod:`damm.tasks`) way back to the input's scale and format.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from ddcore.atomic import atomic_path, atomic_write_json
+from ddcore.images import save_nifti_like
+from transforms.intensity import denormalise
 
 __all__ = [
     "SynthesisWriter",
@@ -30,6 +34,7 @@ __all__ = [
     "to_input_scale",
     "write_confidence_like",
     "write_image_like",
+    "write_tiff",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +81,7 @@ def read_reference_info(path: str | Path) -> dict[str, Any]:
     if suffix in _NIFTI:
         import nibabel as nib
 
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # header only (the voxels are not read)
         return {"format": "nifti", "shape": tuple(img.shape), "dtype": str(img.get_data_dtype()), "affine": img.affine}
     if suffix in _TIFF:
         import tifffile
@@ -93,20 +98,27 @@ def read_reference_info(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"unsupported reference format '{suffix}' of {path}; expected PNG, TIFF, JPEG or NIfTI")
 
 
-def to_input_scale(prediction: np.ndarray, value_range: Sequence[float], dtype: str) -> np.ndarray:
+def to_input_scale(
+    prediction: np.ndarray | torch.Tensor, value_range: Sequence[float] | Mapping[str, float], dtype: str
+) -> np.ndarray:
     """Map a ``[-1, 1]`` prediction to ``value_range`` and cast to ``dtype`` (rounded and clipped for integers).
 
     Args:
-        prediction: normalised prediction.
-        value_range: ``(lower, upper)`` input intensities that ``-1`` and ``1`` stand for.
+        prediction: normalised prediction (array or tensor, any shape).
+        value_range: ``(lower, upper)`` input intensities that ``-1`` and ``1`` stand for, or a mapping with
+            ``"lower"`` and ``"upper"`` (a task's intensity reference).
         dtype: output dtype name (``uint8``, ``uint16``, ``float32``...).
 
     Returns:
-        The array in the input scale.
+        The array in the input scale, e.g. ``to_input_scale([-1, 0, 1, 3], (10, 250), "uint8") -> [10, 130, 250,
+        255]``.
     """
-    from transforms.intensity import denormalise
-
-    lo, hi = float(value_range[0]), float(value_range[1])
+    if isinstance(value_range, Mapping):
+        lo, hi = float(value_range["lower"]), float(value_range["upper"])
+    else:
+        lo, hi = float(value_range[0]), float(value_range[1])
+    if isinstance(prediction, torch.Tensor):
+        prediction = prediction.detach().cpu().double()
     params = {"lower": lo, "upper": hi, "out_min": -1.0, "out_max": 1.0}
     y = np.asarray(denormalise(torch.as_tensor(np.asarray(prediction, dtype=np.float64)), params))
     dt = np.dtype(dtype)
@@ -114,6 +126,23 @@ def to_input_scale(prediction: np.ndarray, value_range: Sequence[float], dtype: 
         info = np.iinfo(dt)
         y = np.clip(np.rint(y), info.min, info.max)
     return y.astype(dt)
+
+
+def write_tiff(array: np.ndarray, path: str | Path) -> Path:
+    """Write an array as TIFF (dtype kept) atomically.
+
+    Args:
+        array: image.
+        path: destination.
+
+    Returns:
+        ``path``.
+    """
+    import tifffile
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(str(tmp), np.ascontiguousarray(array))
+    return Path(path)
 
 
 def _squeeze_channel(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -156,23 +185,11 @@ def write_image_like(
     arr = np.asarray(prediction.detach().cpu() if isinstance(prediction, torch.Tensor) else prediction)
     dtype = info["dtype"] if info["format"] != "nifti" else "float32"
     arr = to_input_scale(arr, value_range, dtype)
-    if info["format"] == "nifti":
-        import nibabel as nib
-
-        ref = nib.load(str(reference))
-        arr = _squeeze_channel(arr, ref.shape)
-        header = ref.header.copy()
-        header.set_data_dtype(np.float32)
-        with atomic_path(path) as tmp:
-            nib.save(nib.Nifti1Image(arr.astype(np.float32), ref.affine, header), str(tmp))
-        return path
     arr = _squeeze_channel(arr, info["shape"])
+    if info["format"] == "nifti":
+        return save_nifti_like(arr, reference, path, dtype=np.float32)
     if info["format"] == "tiff":
-        import tifffile
-
-        with atomic_path(path) as tmp:
-            tifffile.imwrite(str(tmp), arr)
-        return path
+        return write_tiff(arr, path)
     from PIL import Image
 
     if info["format"] == "jpeg":
@@ -195,26 +212,13 @@ def write_confidence_like(confidence: np.ndarray | torch.Tensor, reference: str 
     """
     arr = np.asarray(confidence.detach().cpu() if isinstance(confidence, torch.Tensor) else confidence, np.float32)
     path = Path(path)
-    if _suffix(reference) in _NIFTI:
-        import nibabel as nib
-
-        ref = nib.load(str(reference))
-        arr = _squeeze_channel(arr, ref.shape)
-        header = ref.header.copy()
-        header.set_data_dtype(np.float32)
-        out = path.with_name(output_stem(path) + ".nii.gz")
-        with atomic_path(out) as tmp:
-            nib.save(nib.Nifti1Image(arr, ref.affine, header), str(tmp))
-        return out
-    import tifffile
-
     info = read_reference_info(reference)
+    if info["format"] == "nifti":
+        arr = _squeeze_channel(arr, info["shape"])
+        return save_nifti_like(arr, reference, path.with_name(output_stem(path) + ".nii.gz"), dtype=np.float32)
     shape = info["shape"][:2] if len(info["shape"]) == 3 and info["shape"][-1] in (3, 4) else info["shape"]
     arr = _squeeze_channel(arr, shape)
-    out = path.with_name(output_stem(path) + ".tif")
-    with atomic_path(out) as tmp:
-        tifffile.imwrite(str(tmp), arr)
-    return out
+    return write_tiff(arr, path.with_name(output_stem(path) + ".tif"))
 
 
 def _item_value(batch: Mapping[str, Any], key: str, index: int) -> Any:
@@ -237,8 +241,8 @@ class SynthesisWriter:
     Args:
         output_dir: destination folder.
         value_range: input intensities that the normalised ``-1``/``1`` stand for (the target's range).
-        model_version: recorded in the sidecar (e.g. ``@_meta_#version``).
         postfix: appended to the output file names (``<id>_<postfix>.png``).
+        model_version: recorded in the sidecar (e.g. ``@_meta_#version``).
         write_std: also write the per-pixel standard deviation over the K samples (float32 TIFF/NIfTI).
         extra: additional JSON-serialisable fields for every sidecar (e.g. the checkpoint path).
     """
@@ -246,9 +250,9 @@ class SynthesisWriter:
     def __init__(
         self,
         output_dir: str | Path,
-        value_range: Sequence[float] = (-1.0, 1.0),
+        value_range: Sequence[float],
+        postfix: str,
         model_version: str = "",
-        postfix: str = "pred",
         write_std: bool = True,
         extra: Mapping[str, Any] | None = None,
     ) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -15,7 +12,6 @@ from PIL import Image
 __all__ = [
     "IMAGE_SUFFIXES",
     "add_split_args",
-    "atomic_folder",
     "check_image_files",
     "default_datalist_path",
     "image_files",
@@ -91,37 +87,3 @@ def add_split_args(parser: argparse.ArgumentParser, what: str) -> None:
 def default_datalist_path(root: Path, given: str | os.PathLike | None) -> Path:
     """``given`` or ``<root>/datalist.json``."""
     return Path(given) if given else root / "datalist.json"
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | os.PathLike, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
-    """Build a folder in a temporary sibling and rename it onto ``out_dir`` when the block succeeds.
-
-    Args:
-        out_dir: final folder.
-        replaceable: decides whether an existing non-empty ``out_dir`` may be replaced (e.g. it was written by
-            the same tool); checked before the block runs.
-
-    Yields:
-        The temporary folder to fill.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists, is not empty and may not be replaced.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not replaceable(out_dir))):
-        raise FileExistsError(f"{out_dir} exists and was not written by this tool; choose an empty or new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "data")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

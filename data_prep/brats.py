@@ -1,6 +1,7 @@
 """Convert a folder of BraTS-style subjects (3D NIfTI MRI) to a MONAI datalist with a subject-level split.
 
-Accepted naming schemes (detected per subject):
+Accepted naming schemes (detected per subject; the conventions live in :mod:`damm.tasks.brats_files`, shared with
+the run-time task):
 
 ==============  ======================================  ==========================================
 scheme          example files                           canonical keys
@@ -22,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-
+from damm.tasks.brats_files import (
+    LABEL_KEY,
+    MODALITIES,
+    SCHEMES,
+    check_subject_files,
+    detect_scheme,
+    find_subjects,
+    modality_filename,
+)
 from data_prep._common import add_split_args, default_datalist_path
-from data_prep.datalist import SPLITS, assign_splits, relative_to, write_datalist
+from ddcore.datalist import SPLITS, assign_splits, relative_to, write_datalist
 
 __all__ = [
     "LABEL_KEY",
@@ -45,164 +51,13 @@ __all__ = [
     "modality_filename",
 ]
 
-MODALITIES = ("t1", "t1c", "t2", "flair")
-LABEL_KEY = "seg"
-_NII = r"\.nii(?:\.gz)?$"
-
-#: scheme -> (file name regex with groups ``subject`` (optional) and ``tag``, canonical key -> tag, template)
-SCHEMES: dict[str, dict[str, Any]] = {
-    "brats2021": {
-        "regex": re.compile(r"^(?P<subject>.+)_(?P<tag>t1|t1ce|t2|flair|seg)" + _NII, re.IGNORECASE),
-        "tags": {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
-        "template": "{subject}_{tag}",
-    },
-    "brats2023": {
-        "regex": re.compile(r"^(?P<subject>.+)-(?P<tag>t1n|t1c|t2w|t2f|seg)" + _NII, re.IGNORECASE),
-        "tags": {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
-        "template": "{subject}-{tag}",
-    },
-    "plain": {
-        "regex": re.compile(r"^(?P<tag>t1|t1c|t2|flair|seg)" + _NII, re.IGNORECASE),
-        "tags": {"t1": "t1", "t1c": "t1c", "t2": "t2", "flair": "flair", "seg": "seg"},
-        "template": "{tag}",
-    },
-}
-
-
-def modality_filename(scheme: str, modality: str, subject: str = "", ext: str = ".nii.gz") -> str:
-    """File name of a canonical modality in a naming scheme (e.g. to write a synthesised missing modality).
-
-    Args:
-        scheme: ``"brats2021"``, ``"brats2023"`` or ``"plain"``.
-        modality: canonical key: ``"t1"``, ``"t1c"``, ``"t2"``, ``"flair"`` or ``"seg"``.
-        subject: the subject's file prefix (required for brats2021/brats2023, e.g. ``"BraTS2021_00000"``).
-        ext: file extension.
-
-    Returns:
-        The file name, e.g. ``modality_filename("brats2023", "flair", "BraTS-GLI-00000-000")`` ->
-        ``"BraTS-GLI-00000-000-t2f.nii.gz"``.
-
-    Raises:
-        ValueError: unknown scheme or modality, or a missing subject prefix.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown naming scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
-    tags = SCHEMES[scheme]["tags"]
-    if modality not in tags:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(tags)}")
-    if "{subject}" in SCHEMES[scheme]["template"] and not subject:
-        raise ValueError(f"scheme {scheme!r} needs the subject's file prefix")
-    return SCHEMES[scheme]["template"].format(subject=subject, tag=tags[modality]) + ext
-
-
-def _classify(name: str) -> tuple[str, str, str] | None:
-    """(scheme, canonical key, subject prefix) of a file name, or None."""
-    for scheme, spec in SCHEMES.items():
-        m = spec["regex"].match(name)
-        if m:
-            tag = m.group("tag").lower()
-            key = next(k for k, t in spec["tags"].items() if t == tag)
-            return scheme, key, m.groupdict().get("subject") or ""
-    return None
-
-
-def detect_scheme(files: Sequence[str | os.PathLike]) -> str:
-    """The naming scheme shared by a subject's files.
-
-    Args:
-        files: file names or paths of one subject.
-
-    Returns:
-        The scheme name.
-
-    Raises:
-        ValueError: no file matches a scheme, or files mix schemes.
-    """
-    found = {c[0] for f in files if (c := _classify(Path(f).name))}
-    if len(found) != 1:
-        names = sorted(Path(f).name for f in files)
-        what = "no BraTS-style file" if not found else f"mixed naming schemes {sorted(found)}"
-        raise ValueError(f"{what} among {names}")
-    return found.pop()
-
-
-def find_subjects(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Discover subjects and their modality files.
-
-    Args:
-        root: dataset folder.
-
-    Returns:
-        ``{subject: {"scheme", "file_prefix", "folder", "files": {key: Path}}}``.
-
-    Raises:
-        FileNotFoundError: ``root`` is not a folder.
-        ValueError: mixed schemes or prefixes in a subject, a modality given twice, or no subject at all.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"BraTS folder not found: {root}")
-    groups: dict[str, tuple[Path, list[Path]]] = {}
-    for p in sorted(root.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
-            files = [f for f in sorted(p.iterdir()) if f.is_file() and _classify(f.name)]
-            if files:
-                groups[p.name] = (p, files)
-        elif p.is_file() and (c := _classify(p.name)) and c[0] != "plain":
-            groups.setdefault(c[2], (root, []))[1].append(p)
-    if not groups:
-        raise ValueError(
-            f"{root}: no BraTS subject found; expected sub-folders with t1/t1c/t2/flair[/seg] NIfTI files named "
-            "like BraTS2021 (*_t1, *_t1ce, *_t2, *_flair, *_seg), BraTS2023 (*-t1n, *-t1c, *-t2w, *-t2f, *-seg) "
-            "or plain (t1.nii.gz, ...)"
-        )
-    subjects: dict[str, dict[str, Any]] = {}
-    for subject, (folder, files) in groups.items():
-        try:
-            scheme = detect_scheme(files)
-        except ValueError as err:
-            raise ValueError(f"subject {subject!r} ({folder}): {err}") from err
-        prefixes = {_classify(f.name)[2] for f in files}
-        if len(prefixes) > 1:
-            raise ValueError(
-                f"subject {subject!r} ({folder}): files with different subject prefixes {sorted(prefixes)}"
-            )
-        found: dict[str, Path] = {}
-        for f in files:
-            key = _classify(f.name)[1]
-            if key in found:
-                raise ValueError(f"subject {subject!r}: modality {key!r} given twice ({found[key].name}, {f.name})")
-            found[key] = f
-        subjects[subject] = {"scheme": scheme, "file_prefix": prefixes.pop(), "folder": folder, "files": found}
-    return subjects
-
 
 def _check_headers(subject: str, files: dict[str, Path], tol: float) -> None:
-    """Read NIfTI headers; raise if unreadable, not 3D, or not on one grid."""
-    geo = {}
-    for key, f in files.items():
-        try:
-            img = nib.load(str(f))
-            shape = tuple(int(s) for s in img.shape)
-            affine = np.asarray(img.affine, dtype=np.float64)
-        except Exception as err:
-            raise ValueError(f"subject {subject!r}: cannot read {key!r} file {f}: {type(err).__name__}: {err}") from err
-        if len(shape) != 3:
-            raise ValueError(f"subject {subject!r}: {key!r} file {f} is {len(shape)}D {shape}; expected a 3D volume")
-        geo[key] = (shape, np.linalg.norm(affine[:3, :3], axis=0), affine)
-    ref = next(iter(geo))
-    bad = [
-        k
-        for k, (shape, spacing, aff) in geo.items()
-        if shape != geo[ref][0]
-        or not np.allclose(spacing, geo[ref][1], atol=tol)
-        or not np.allclose(aff[:3, :3] / spacing, geo[ref][2][:3, :3] / geo[ref][1], atol=tol)
-    ]
-    if bad:
-        desc = "; ".join(
-            f"{k}: {files[k].name} shape={geo[k][0]} spacing={np.round(geo[k][1], 4).tolist()}" for k in geo
-        )
-        raise ValueError(f"subject {subject!r}: modalities {bad} are not on the grid of {ref!r}: {desc}")
+    """Read NIfTI headers; raise if unreadable, not 3D, or not on one grid (origins are not compared)."""
+    try:
+        check_subject_files(files, tol, check_origin=False)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"subject {subject!r}: {err}") from err
 
 
 def convert(

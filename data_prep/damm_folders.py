@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep._common import add_split_args, check_image_files, default_datalist_path, image_files
-from data_prep.datalist import SPLITS, assign_splits, relative_to, write_datalist
+from ddcore.datalist import SPLITS, assign_splits, relative_to, write_datalist
 
 __all__ = ["LAYOUTS", "MODALITIES", "convert", "detect_layout", "main"]
 

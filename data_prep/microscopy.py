@@ -31,82 +31,15 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from data_prep._common import add_split_args, atomic_folder
-from data_prep.datalist import SPLITS, assign_splits, read_datalist, write_datalist
+from damm.tasks.microscopy_files import DEFAULT_PATTERN, find_fields, tile_positions
+from data_prep._common import add_split_args
+from ddcore.atomic import atomic_folder
+from ddcore.datalist import SPLITS, assign_splits, read_datalist, write_datalist
+from transforms.checks import check_coregistered, geometry_from_affine
 
 __all__ = ["DEFAULT_PATTERN", "convert", "find_fields", "main", "tile_positions"]
 
-DEFAULT_PATTERN = r"^(?:(?P<field>.+)_)?(?P<channel>[^_]+)$"
 CONVERTER_ID = "data_prep.microscopy"
-_SUFFIXES = (".tif", ".tiff", ".png")
-
-
-def find_fields(root: str | os.PathLike, pattern: str = DEFAULT_PATTERN) -> dict[str, dict[str, Path]]:
-    """Group the channel files under ``root`` (recursively) into fields.
-
-    Args:
-        root: folder to scan.
-        pattern: regex on the file stem with named groups ``channel`` and optionally ``field``.
-
-    Returns:
-        ``{field_id: {channel: path}}`` sorted by field id; ``field_id`` is the folder path relative to ``root``
-        joined with the ``field`` group when present (files directly in ``root``: the ``field`` group, or the
-        root's name).
-
-    Raises:
-        FileNotFoundError: ``root`` is not a folder.
-        ValueError: bad pattern, a channel given twice in a field, or no image file found.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"microscopy folder not found: {root}")
-    regex = re.compile(pattern)
-    if "channel" not in regex.groupindex:
-        raise ValueError(f"pattern {pattern!r} needs a named group 'channel'")
-    fields: dict[str, dict[str, Path]] = {}
-    unmatched = []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.name.startswith(".") or not path.name.lower().endswith(_SUFFIXES):
-            continue
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        stem = path.name[: -len(path.suffix)]
-        m = regex.match(stem)
-        if m is None:
-            unmatched.append(str(path))
-            continue
-        folder = path.parent.relative_to(root).as_posix()
-        field = m.groupdict().get("field")
-        if folder == ".":
-            field_id = field or root.resolve().name
-        else:
-            field_id = f"{folder}/{field}" if field else folder
-        channel = m.group("channel")
-        channels = fields.setdefault(field_id, {})
-        if channel in channels:
-            raise ValueError(f"field {field_id!r}: channel {channel!r} given twice ({channels[channel]}, {path})")
-        channels[channel] = path
-    if not fields:
-        extra = f" ({len(unmatched)} files did not match {pattern!r})" if unmatched else ""
-        raise ValueError(f"{root}: no channel image (.tif/.tiff/.png) found{extra}")
-    return dict(sorted(fields.items()))
-
-
-def tile_positions(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets covering ``[0, length)`` with windows of ``tile`` every ``stride`` (last one at the border).
-
-    Args:
-        length: image side.
-        tile: window side (<= length).
-        stride: step (>= 1).
-
-    Returns:
-        Sorted unique offsets.
-    """
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
 
 
 def _read(path: Path) -> np.ndarray:
@@ -201,11 +134,15 @@ def convert(
     images: dict[str, dict[str, np.ndarray]] = {}
     for field, files in fields.items():
         arrays = {c: _read(files[c]) for c in channels}
-        shapes = {c: a.shape[:2] for c, a in arrays.items()}
-        if len(set(shapes.values())) > 1:
-            desc = ", ".join(f"{c}: {files[c].name} {s}" for c, s in shapes.items())
-            raise ValueError(f"field {field!r}: channels have different shapes ({desc})")
-        h, w = next(iter(shapes.values()))
+        try:
+            check_coregistered(
+                {c: geometry_from_affine(a.shape[:2]) for c, a in arrays.items()},
+                {c: files[c].name for c in arrays},
+                what="channels",
+            )
+        except ValueError as err:
+            raise ValueError(f"field {field!r}: {err}") from err
+        h, w = arrays[channels[0]].shape[:2]
         if h < tile_size or w < tile_size:
             raise ValueError(f"field {field!r} ({h}x{w}) is smaller than the tile size {tile_size}")
         images[field] = arrays

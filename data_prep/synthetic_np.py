@@ -37,9 +37,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from data_prep._common import atomic_folder
-from data_prep.datalist import SPLITS, assign_splits, read_datalist, write_datalist
-from ddcore.atomic import atomic_path
+from ddcore.atomic import atomic_folder, atomic_path
+from ddcore.datalist import SPLITS, assign_splits, read_datalist, write_datalist
 
 __all__ = [
     "DATALIST_NAME",

@@ -7,7 +7,8 @@ Usage::
 Images come from a folder (every ``*.nii`` / ``*.nii.gz``) or a list of files; labels from a folder (matched by
 file name, optionally after removing ``--label-suffix`` such as ``_seg``) or a list in the same order. The
 datalist is ``{"name", "modalities": ["image"], "training": [{"id", "image", "label"?}, ...], ...}`` with paths
-relative to the datalist's folder, written atomically.
+relative to the datalist's folder, written atomically. The runtime reads it with
+:func:`ddcore.datalist.load_volume_datalist`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
-from monai.data import load_decathlon_datalist
 
 from ddcore.atomic import atomic_write_json
 
-__all__ = ["build_volume_datalist", "find_volumes", "load_volume_datalist", "main"]
+__all__ = ["build_volume_datalist", "find_volumes", "main"]
 
 _SUFFIXES = (".nii.gz", ".nii")
 
@@ -128,37 +128,6 @@ def build_volume_datalist(
     }
     atomic_write_json(data, out)
     return out
-
-
-def load_volume_datalist(path: str | os.PathLike, split: str = "training") -> list[dict]:
-    """Items of ``split`` with absolute ``image``/``label`` paths (MONAI ``load_decathlon_datalist``).
-
-    Args:
-        path: datalist JSON.
-        split: list key.
-
-    Returns:
-        Items, each with an ``id``.
-
-    Raises:
-        FileNotFoundError: missing datalist or a listed file.
-        ValueError: unknown split or an item without ``image``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path} (build one with python -m data_prep.volumes).")
-    try:
-        items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split)
-    except ValueError as err:
-        raise ValueError(f"datalist {path}: {err}") from err
-    for i, item in enumerate(items):
-        if "image" not in item:
-            raise ValueError(f"datalist {path}: item {i} of {split!r} has no 'image' key.")
-        for key in ("image", "label"):
-            if key in item and not Path(item[key]).is_file():
-                raise FileNotFoundError(f"datalist {path}: {key} of item {i} not found: {item[key]}")
-        item.setdefault("id", _stem(Path(item["image"])))
-    return items
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

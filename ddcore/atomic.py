@@ -5,7 +5,8 @@ written to a temporary file in the destination folder, flushed to disk (``fsync`
 destination only once it is complete, so an interrupted run never leaves a half-written file that looks valid.
 Temporary files are named ``.<name>.<token>.tmp<suffix>``; :func:`is_temporary` recognises them so that
 checkpoint discovery and result globs never mistake one for a result, and :func:`remove_stale_temporaries`
-clears those a killed run left behind.
+clears those a killed run left behind. Whole folders (a generated data set, a converted one) are built the same
+way by :func:`atomic_folder`, in temporary sibling folders of the same name pattern.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "atomic_folder",
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_json",
@@ -162,3 +165,53 @@ def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Pat
         The destination path.
     """
     return atomic_write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n", path)
+
+
+def _temporary_folder(path: Path, suffix: str = "") -> Path:
+    """Create and return an empty folder ``.<name>.<16 hex>.tmp<suffix>`` next to ``path``."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it onto ``out_dir`` when the block succeeds.
+
+    The sibling is ``.<name>.<16 hex>.tmp``; a replaced ``out_dir`` is first moved into a second sibling
+    ``.<name>.<16 hex>.tmp-old`` and deleted after the swap. Both names are recognised by :func:`is_temporary`,
+    so a killed run's leftovers are never taken for a result.
+
+    Args:
+        out_dir: final folder.
+        replaceable: decides whether an existing non-empty ``out_dir`` may be replaced (e.g. it was written by
+            the same tool); checked before the block runs.
+
+    Yields:
+        The temporary folder to fill.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists, is not empty and may not be replaced.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not replaceable(out_dir))):
+        raise FileExistsError(f"{out_dir} exists and was not written by this tool; choose an empty or new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_folder(out_dir)
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = _temporary_folder(out_dir, "-old")
+            os.replace(out_dir, old / "data")
+        os.replace(tmp, out_dir)
+        fsync_path(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

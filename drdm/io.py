@@ -1,124 +1,131 @@
-"""DRDM file I/O: NIfTI volumes on the input geometry, displacement statistics, checkpoints.
+"""DRDM file I/O on the project's image layer: volumes as ``MetaTensor``, outputs on the input's geometry.
 
-Everything is written atomically through :mod:`ddcore.atomic`. Volumes are read and written with nibabel so the
-output keeps the input's affine (spacing, orientation, origin) exactly; arrays stay in the file's axis order.
+Volumes are read with :func:`ddcore.images.load_image` (MONAI ``LoadImage``: a channel-first ``MetaTensor`` with
+the file's affine, arrays in the file's axis order) and written with :func:`ddcore.images.save_nifti_like` (on the
+grid of the source file, keeping its affine, qform and sform, atomically). Displacement fields are NIfTI vector
+images ``(X, Y, Z, 1, d)`` with intent name ``ddf_voxels``. :func:`deformation_stats` turns a field into the
+numbers of the DRDM reports.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from torch import nn
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from nibabel.nifti1 import data_type_codes
 
-from ddcore.atomic import atomic_path
+from ddcore.images import load_image, save_nifti_like
 from drdm.fields import check_field, folding_fraction
 
-__all__ = [
-    "Volume",
-    "deformation_stats",
-    "latest_checkpoint",
-    "load_network_weights",
-    "read_volume",
-    "save_ddf",
-    "save_volume",
-]
+__all__ = ["deformation_stats", "file_dtype", "read_volume", "save_ddf", "save_volume", "source_path", "spacing"]
+
+DDF_INTENT = "ddf_voxels"
 
 
-class Volume:
-    """A volume read from disk: array in file axis order plus its geometry.
-
-    Args:
-        array: ``[*S]`` numpy array (2 or 3 spatial dims).
-        affine: 4x4 voxel-to-world (RAS) matrix.
-        header: the source NIfTI header (kept for dtype / units), or ``None``.
-        path: where it came from.
-    """
-
-    def __init__(self, array: np.ndarray, affine: np.ndarray, header: Any = None, path: str | None = None) -> None:
-        self.array = array
-        self.affine = np.asarray(affine, dtype=np.float64)
-        self.header = header
-        self.path = path
-
-    @property
-    def spacing(self) -> tuple[float, ...]:
-        """Voxel size per array axis (column norms of the affine)."""
-        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return tuple(float(s) for s in norms[: self.array.ndim])
-
-
-def read_volume(path: str | os.PathLike, spatial_dims: int | None = None, name: str = "image") -> Volume:
-    """Read a NIfTI file as a :class:`Volume`.
+def read_volume(path: str | os.PathLike, spatial_dims: int | None = None, name: str = "image") -> MetaTensor:
+    """Read a one-channel NIfTI volume as a channel-first ``MetaTensor`` ``[1, *S]`` (float32, file axis order).
 
     Args:
         path: file to read.
-        spatial_dims: expected number of spatial dims; a trailing singleton axis is dropped to reach it (a 2D
-            slice stored as ``(X, Y, 1)``).
+        spatial_dims: expected number of spatial dims; trailing singleton axes are dropped to reach it (a 2D
+            slice stored as ``(X, Y, 1)`` reads as ``[1, X, Y]``).
         name: what the file is (used in messages).
 
     Returns:
-        The volume.
+        The volume; ``.affine`` is the file's, ``.meta`` holds its header (see :func:`spacing`,
+        :func:`file_dtype`, :func:`source_path`).
 
     Raises:
         FileNotFoundError: missing file.
-        ValueError: unreadable file or wrong number of dimensions.
+        ValueError: unreadable file, more than one channel or wrong number of spatial dims.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: file not found: {path}")
-    try:
-        img = nib.load(str(path))
-        array = np.asarray(img.dataobj)
-    except Exception as err:  # nibabel raises many kinds
-        raise ValueError(f"{name}: cannot read {path} as NIfTI: {err}") from err
-    while spatial_dims is not None and array.ndim > spatial_dims and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (spatial_dims is not None and array.ndim != spatial_dims):
+    volume = load_image(path, name)
+    while spatial_dims is not None and volume.ndim - 1 > spatial_dims and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    spatial = volume.ndim - 1
+    if volume.shape[0] != 1 or spatial not in (2, 3) or (spatial_dims is not None and spatial != spatial_dims):
         want = spatial_dims or "2 or 3"
-        raise ValueError(f"{name}: {path} has shape {array.shape}; expected {want} spatial dims and one channel.")
-    return Volume(array, img.affine, img.header, str(path))
+        raise ValueError(
+            f"{name}: {path} has shape {tuple(volume.shape[1:]) if volume.shape[0] == 1 else tuple(volume.shape)}; "
+            f"expected {want} spatial dims and one channel."
+        )
+    return volume
+
+
+def source_path(volume: MetaTensor | str | os.PathLike) -> Path:
+    """The file a volume was read from (a path is returned as is).
+
+    Args:
+        volume: a volume of :func:`read_volume`, or a file path.
+
+    Returns:
+        The path.
+    """
+    if isinstance(volume, MetaTensor):
+        return Path(str(volume.meta["filename_or_obj"]))
+    return Path(volume)
+
+
+def spacing(volume: MetaTensor) -> tuple[float, ...]:
+    """Voxel size per spatial array axis (column norms of the affine, :func:`monai.data.utils.affine_to_spacing`).
+
+    Args:
+        volume: a volume of :func:`read_volume`.
+
+    Returns:
+        One size per spatial axis of ``volume`` (mm).
+    """
+    return tuple(float(s) for s in affine_to_spacing(volume.affine, r=3)[: volume.ndim - 1])
+
+
+def file_dtype(volume: MetaTensor) -> np.dtype:
+    """The data type stored in the file a volume was read from (``read_volume`` returns float32).
+
+    Args:
+        volume: a volume of :func:`read_volume`.
+
+    Returns:
+        The NIfTI header's data type (e.g. ``uint8`` for a label map).
+    """
+    return np.dtype(data_type_codes.dtype[int(volume.meta["datatype"])])
 
 
 def save_volume(
     array: np.ndarray | torch.Tensor,
-    reference: Volume,
+    reference: MetaTensor | str | os.PathLike,
     path: str | os.PathLike,
-    dtype: np.dtype | type | None = None,
+    dtype: np.dtype | type | str = np.float32,
 ) -> Path:
-    """Write ``array`` (``[*S]``, same grid as ``reference``) as NIfTI with the reference's affine, atomically.
+    """Write ``array`` (``[*S]`` on the reference grid) as NIfTI on the geometry of the reference file, atomically.
 
     Args:
-        array: data on the reference grid.
-        reference: volume whose geometry is copied.
+        array: data on the reference grid (a 2D slice ``[X, Y]`` of a ``(X, Y, 1)`` file is stored ``(X, Y, 1)``).
+        reference: the volume (or file) whose grid, affine, qform and sform are kept.
         path: destination (``.nii`` or ``.nii.gz``).
-        dtype: output dtype (default: keep the array's).
+        dtype: output data type.
 
     Returns:
         The destination path.
+
+    Raises:
+        ValueError: ``array`` is not on the reference grid.
     """
+    ref = source_path(reference)
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-    if data.shape[: reference.array.ndim] != reference.array.shape:
-        raise ValueError(f"save_volume: array {data.shape} is not on the reference grid {reference.array.shape}.")
-    if dtype is not None:
-        data = data.astype(dtype)
-    img = nib.Nifti1Image(data, reference.affine)
-    if reference.header is not None and hasattr(reference.header, "get_xyzt_units"):
-        img.header.set_xyzt_units(*reference.header.get_xyzt_units())
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    if isinstance(reference, MetaTensor):
+        grid = tuple(reference.shape[1:])
+        if data.shape != grid:
+            raise ValueError(f"save_volume: array {data.shape} is not on the reference grid {grid} of {ref}.")
+        data = data.reshape(tuple(int(n) for n in reference.meta["spatial_shape"]))
+    return save_nifti_like(data, ref, path, dtype=dtype)
 
 
-def save_ddf(ddf: torch.Tensor, reference: Volume, path: str | os.PathLike) -> Path:
+def save_ddf(ddf: torch.Tensor, reference: MetaTensor, path: str | os.PathLike) -> Path:
     """Write a voxel-unit field ``[d, *S]`` as a NIfTI vector image ``(X, Y, Z, 1, d)`` on the reference grid.
 
     Component ``i`` is the displacement along array axis ``i`` in voxels (MONAI ``Warp`` convention,
@@ -126,23 +133,17 @@ def save_ddf(ddf: torch.Tensor, reference: Volume, path: str | os.PathLike) -> P
 
     Args:
         ddf: ``[d, *S]`` field.
-        reference: volume whose grid and affine are used.
+        reference: the volume whose grid and geometry are used.
         path: destination.
 
     Returns:
         The destination path.
     """
-    check_field(ddf[None], "ddf", reference.array.shape)
+    check_field(ddf[None], "ddf", tuple(reference.shape[1:]))
     data = np.moveaxis(ddf.detach().cpu().numpy().astype(np.float32), 0, -1)  # [*S, d]
-    d = data.shape[-1]
-    data = data.reshape(*reference.array.shape, *([1] * (3 - d)), 1, d)
-    img = nib.Nifti1Image(data, reference.affine)
-    img.header.set_intent("vector", (), name="ddf_voxels")
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    grid = tuple(int(n) for n in reference.meta["spatial_shape"])
+    data = data.reshape(*grid, *([1] * (3 - len(grid))), 1, data.shape[-1])
+    return save_nifti_like(data, source_path(reference), path, intent=DDF_INTENT)
 
 
 def deformation_stats(
@@ -187,48 +188,3 @@ def deformation_stats(
     stats["max_displacement_pct"] = 100.0 * stats["max_displacement_mm"] / extent
     stats["folding_fraction"] = float(folding_fraction(ddf[None])[0])
     return stats
-
-
-def latest_checkpoint(directory: str | os.PathLike, pattern: str = r"checkpoint_(\d+)\.pt$") -> str | None:
-    """The checkpoint with the highest number in ``directory`` (numeric, not lexicographic order).
-
-    Args:
-        directory: checkpoint folder (may not exist).
-        pattern: regex with one group capturing the step/epoch number.
-
-    Returns:
-        The path as a string, or ``None`` when there is none.
-    """
-    folder = Path(directory)
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        m = re.search(pattern, p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), str(p)))
-    return max(found)[1] if found else None
-
-
-def load_network_weights(network: nn.Module, path: str | os.PathLike, key: str = "model") -> nn.Module:
-    """Load weights saved as a plain state dict or as ``{key: state_dict, ...}`` (``weights_only=True``).
-
-    Args:
-        network: module to load into (strictly).
-        path: checkpoint file.
-        key: entry holding the network's state dict in a multi-object checkpoint.
-
-    Returns:
-        The network.
-
-    Raises:
-        FileNotFoundError: missing file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"network weights not found: {path} (train first, or set the checkpoint path).")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if key in state and isinstance(state[key], dict):
-        state = state[key]
-    network.load_state_dict(state, strict=True)
-    return network

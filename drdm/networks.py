@@ -137,7 +137,7 @@ class RecoveryNet(nn.Module):
 
     def __init__(
         self,
-        spatial_dims: int = 2,
+        spatial_dims: int,
         in_channels: int = 1,
         channels: Sequence[int] = (10, 20, 40),
         embed_dim: int = 100,

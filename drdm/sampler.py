@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ddcore.device import module_device
 from ddcore.precision import autocast, check_precision
 from drdm.diffusion import DeformationDiffusion
 from drdm.fields import compose, folding_fraction, warp
@@ -30,6 +31,7 @@ __all__ = [
     "RegistrationTriplet",
     "SampleResult",
     "check_labels",
+    "warp_intensities",
     "warp_labels",
 ]
 
@@ -107,6 +109,24 @@ def check_labels(labels: torch.Tensor, image: torch.Tensor, name: str = "labels"
         raise ValueError(f"{name}: label maps must hold integer values, found e.g. {bad}.")
 
 
+def warp_intensities(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp an image in its original intensities; what comes from outside the image takes the image minimum.
+
+    Zero padding of ``image - min`` (then adding the minimum back) makes the outside the background value of
+    any intensity scale (CT -1024, MR 0), instead of 0 or a copy of the border.
+
+    Args:
+        image: ``[B, C, *S]``.
+        ddf: ``[B, d, *S]`` voxels.
+        mode: interpolation (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
+
+    Returns:
+        The warped image, same shape and dtype as ``image`` (floating).
+    """
+    low = image.amin()
+    return warp(image - low, ddf, mode, "zeros") + low
+
+
 def warp_labels(
     labels: torch.Tensor, ddf: torch.Tensor, mode: str = "nearest", padding_mode: str = "border"
 ) -> torch.Tensor:
@@ -132,13 +152,6 @@ def warp_labels(
     onehot.scatter_(1, inverse.to(ddf.device).long(), 1.0)
     warped = warp(onehot, ddf, "bilinear", padding_mode)
     return values.to(ddf.device)[warped.argmax(1, keepdim=True)].to(labels.dtype)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    """Device of the first parameter (CPU for parameter-free modules)."""
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 class DRDMSampler:
@@ -205,7 +218,7 @@ class DRDMSampler:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        self.precision = check_precision(precision, device if device is not None else _module_device(network))
+        self.precision = check_precision(precision, device if device is not None else module_device(network))
         self.network = network
         self.diffusion = diffusion
         self.start = start

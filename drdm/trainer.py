@@ -3,9 +3,10 @@
 Each iteration draws ``t ~ U{0..T-1}``, deforms the batch with the forward process (``I_t``, target ``ψ_t``),
 predicts ``û = D_θ(I_t, t)`` and minimises :class:`drdm.losses.DRDMLoss`. The diffusion happens in
 :class:`DRDMPrepareBatch`, so the standard :class:`monai.engines.SupervisedTrainer` iteration is reused
-unchanged; :class:`DRDMTrainer` only wires it up and exposes the loss terms for logging. Checkpoints are written
-atomically (:class:`AtomicCheckpointSaver`) as plain tensor dicts that MONAI's ``CheckpointLoader`` reloads with
-``weights_only=True`` for resuming.
+unchanged; :class:`DRDMTrainer` only wires it up and exposes the loss terms for logging. Checkpoints come from the
+project's one checkpoint stack, :mod:`ddcore.checkpoints` (``AtomicCheckpointSaver``: atomic, ignite-named
+``checkpoint_epoch=N.pt`` files of plain tensor dicts that ``torch.load(..., weights_only=True)`` and MONAI's
+``CheckpointLoader`` read back for resuming, and the network's weights exported as ``model.pt`` at the end).
 
 Precision: ``SupervisedTrainer``'s ``amp`` autocasts CUDA only, so the network forward runs under
 :func:`ddcore.precision.autocast` inside :class:`PrecisionInferer` (any device) and its output is upcast to fp32;
@@ -17,15 +18,11 @@ checkpoints stay fp32.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
-from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.engine import Engine
 from monai.engines import PrepareBatch, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
@@ -40,14 +37,12 @@ from monai.transforms import (
 )
 from torch import nn
 
-from ddcore.atomic import atomic_torch_save
 from ddcore.precision import autocast, autocast_dtype, check_precision, make_grad_scaler, skip_nonfinite_steps
 from drdm.diffusion import DeformationDiffusion
 from drdm.losses import DRDMLoss
 
 __all__ = [
     "LOSS_KEYS",
-    "AtomicCheckpointSaver",
     "DRDMPrepareBatch",
     "DRDMTrainer",
     "PrecisionInferer",
@@ -189,74 +184,6 @@ class DRDMTrainer(SupervisedTrainer):
         for key, value in terms.items():
             if key != "loss":
                 engine.state.output[key] = value
-
-
-class _AtomicSaver(BaseSaveHandler):
-    """ignite save handler that writes through :func:`ddcore.atomic.atomic_torch_save`."""
-
-    def __init__(self, dirname: str | os.PathLike) -> None:
-        self.dirname = Path(dirname)
-
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        atomic_torch_save(checkpoint, self.dirname / filename)
-
-    def remove(self, filename: str) -> None:
-        path = self.dirname / filename
-        if path.exists():
-            path.unlink()
-
-
-class AtomicCheckpointSaver:
-    """Save ``checkpoint_<epoch>.pt`` every ``save_interval`` epochs (keeping ``n_saved``) and ``final_filename``
-    (the network's plain state dict) when training completes; all writes are atomic.
-
-    Each checkpoint is ``{name: obj.state_dict()}`` for ``save_dict`` (e.g. model, optimizer, trainer), loadable with
-    ``torch.load(..., weights_only=True)`` and by ``monai.handlers.CheckpointLoader`` for resuming.
-
-    Args:
-        save_dir: checkpoint folder.
-        save_dict: objects to save (must contain ``"model"`` for the final file).
-        save_interval: epochs between checkpoints (0 disables periodic checkpoints).
-        n_saved: periodic checkpoints kept.
-        final_filename: file written on completion (``None`` to skip).
-    """
-
-    def __init__(
-        self,
-        save_dir: str | os.PathLike,
-        save_dict: dict[str, Any],
-        save_interval: int = 1,
-        n_saved: int | None = 2,
-        final_filename: str | None = "model.pt",
-    ) -> None:
-        self.save_dir = Path(save_dir)
-        self.save_dict = save_dict
-        self.save_interval = int(save_interval)
-        self.n_saved = n_saved
-        self.final_filename = final_filename
-
-    def attach(self, engine: Engine) -> None:
-        """Register the handlers on ``engine``."""
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        if self.save_interval > 0:
-            ckpt = Checkpoint(
-                to_save=self.save_dict,
-                save_handler=_AtomicSaver(self.save_dir),
-                filename_prefix="",
-                n_saved=self.n_saved,
-                global_step_transform=lambda eng, _: eng.state.epoch,
-                filename_pattern="checkpoint_{global_step}.{ext}",
-            )
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), ckpt)
-        if self.final_filename:
-            engine.add_event_handler(Events.COMPLETED, self._final)
-
-    def _final(self, engine: Engine) -> None:
-        model = self.save_dict.get("model")
-        if model is None:
-            raise KeyError("AtomicCheckpointSaver: save_dict needs a 'model' entry to write the final file.")
-        module = model.module if hasattr(model, "module") else model
-        atomic_torch_save(module.state_dict(), self.save_dir / str(self.final_filename))
 
 
 def augmentation_transforms(

@@ -17,8 +17,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from drdm.fields import warp
-from drdm.sampler import DRDMSampler, check_labels, warp_labels
+from ddcore.device import module_device
+from drdm.sampler import DRDMSampler, check_labels, warp_intensities, warp_labels
 
 __all__ = ["RandDRDMDeformd"]
 
@@ -106,7 +106,7 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform):
                 d[self.ddf_key] = torch.zeros((len(spatial), *spatial), dtype=torch.float32)
             return d
         network = self.sampler.network
-        device = next(network.parameters()).device if any(True for _ in network.parameters()) else torch.device("cpu")
+        device = module_device(network)
         in_ch = int(getattr(network, "in_channels", driver.shape[0]))
         net_in = driver[:in_ch].float()
         if self.normalise:
@@ -117,8 +117,7 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform):
         for key in keys:
             img = convert_to_tensor(d[key], track_meta=False)
             x = img.float().to(device)[None]
-            low = x.amin()
-            out = (warp(x - low, ddf, self.sampler.image_mode, "zeros") + low)[0]
+            out = warp_intensities(x, ddf, self.sampler.image_mode)[0]
             d[key], *_ = convert_to_dst_type(out.cpu(), d[key], dtype=img.dtype if img.is_floating_point() else None)
         for key, lab in labels.items():
             out = warp_labels(lab[None].to(device), ddf, self.sampler.label_mode, self.sampler.label_padding_mode)[0]

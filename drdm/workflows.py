@@ -19,16 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 from torch import nn
 
 from ddcore.atomic import atomic_write_json
+from ddcore.checkpoints import load_checked_state_dict
+from ddcore.datalist import load_volume_datalist
 from ddcore.precision import check_precision
 from drdm.diffusion import DeformationDiffusion
-from drdm.fields import warp
-from drdm.io import Volume, deformation_stats, load_network_weights, read_volume, save_ddf, save_volume
-from drdm.sampler import DRDMSampler, SampleResult
+from drdm.io import deformation_stats, file_dtype, read_volume, save_ddf, save_volume, spacing
+from drdm.sampler import DRDMSampler, SampleResult, warp_intensities
 
 __all__ = ["AugmentationWorkflow", "RegistrationPairWorkflow", "load_items"]
 
@@ -46,10 +48,8 @@ def load_items(datalist: str | os.PathLike | Sequence[dict], split: str = "train
         Items (copies) with absolute paths and an ``id``.
 
     Raises:
-        ValueError / FileNotFoundError: see :func:`data_prep.volumes.load_volume_datalist`.
+        ValueError / FileNotFoundError: see :func:`ddcore.datalist.load_volume_datalist`.
     """
-    from data_prep.volumes import load_volume_datalist
-
     if isinstance(datalist, (str, os.PathLike)):
         return load_volume_datalist(datalist, split)
     items = []
@@ -108,39 +108,39 @@ class _Job:
             img = read_volume(item["image"], self.spatial_dims, f"item {item['id']} image")
             if item.get("label"):
                 lab = read_volume(item["label"], self.spatial_dims, f"item {item['id']} label")
-                if lab.array.shape != img.array.shape:
+                if lab.shape != img.shape:
                     raise ValueError(
-                        f"item {item['id']}: label {item['label']} has shape {lab.array.shape}, "
-                        f"image {item['image']} has {img.array.shape}; they must share the grid."
+                        f"item {item['id']}: label {item['label']} has shape {tuple(lab.shape[1:])}, "
+                        f"image {item['image']} has {tuple(img.shape[1:])}; they must share the grid."
                     )
-                arr = np.asarray(lab.array)
-                if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
+                if not torch.equal(lab.as_tensor(), lab.as_tensor().round()):
                     raise ValueError(f"item {item['id']}: label {item['label']} is not an integer label map.")
 
     def _prepare(self) -> None:
         if self.checkpoint:
-            load_network_weights(self.network, self.checkpoint)
+            load_checked_state_dict(self.network, self.checkpoint, "DRDM recovery network", key="model")
         self.network.to(self.device).eval()
         self._validate()
 
-    def _load(self, item: dict) -> tuple[Volume, torch.Tensor, torch.Tensor, Volume | None, torch.Tensor | None]:
+    def _load(
+        self, item: dict
+    ) -> tuple[MetaTensor, torch.Tensor, torch.Tensor, MetaTensor | None, torch.Tensor | None]:
+        """The image volume, its intensities ``[1, 1, *S]``, the network input, the label volume and labels."""
         vol = read_volume(item["image"], self.spatial_dims, "image")
-        raw = torch.as_tensor(np.asarray(vol.array, dtype=np.float32))[None, None].to(self.device)
+        raw = vol.as_tensor()[None].to(self.device)
         net_in = convert_to_tensor(self.normalise(raw[0]), dtype=torch.float32, track_meta=False)[None]
         lab_vol, labels = None, None
         if item.get("label"):
             lab_vol = read_volume(item["label"], self.spatial_dims, "label")
-            labels = torch.as_tensor(np.asarray(lab_vol.array).astype(np.int64))[None, None].to(self.device)
+            labels = lab_vol.as_tensor().long()[None].to(self.device)
         return vol, raw, net_in, lab_vol, labels
 
-    @staticmethod
-    def _warp_original(raw: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    def _warp_original(self, raw: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """Warp the original intensities; outside the image takes the image minimum (background)."""
-        low = raw.amin()
-        return warp(raw - low, ddf, "bilinear", "zeros") + low
+        return warp_intensities(raw, ddf, self.sampler.image_mode)
 
-    def _report(self, result: SampleResult, vol: Volume, extra: dict[str, Any], row: int = 0) -> dict[str, Any]:
-        stats = deformation_stats(result.ddf[row], vol.spacing)
+    def _report(self, result: SampleResult, vol: MetaTensor, extra: dict[str, Any], row: int = 0) -> dict[str, Any]:
+        stats = deformation_stats(result.ddf[row], spacing(vol))
         return {
             **extra,
             "t_prime": result.t_prime,
@@ -152,7 +152,7 @@ class _Job:
             "accepted": bool(result.accepted[row]),
             "attempts": int(result.attempts[row]),
             "precision": self.sampler.precision,
-            "spacing_mm": list(vol.spacing),
+            "spacing_mm": list(spacing(vol)),
             "ddf_units": "voxels; component i = displacement along array axis i; out(x) = in(x + ddf(x))",
         }
 
@@ -217,7 +217,7 @@ class AugmentationWorkflow(_Job):
                 save_ddf(res.ddf[0], vol, self.output_dir / files["ddf"])
                 if res.labels is not None and lab_vol is not None:
                     files["label"] = f"{stem}_label.nii.gz"
-                    save_volume(res.labels[0, 0], lab_vol, self.output_dir / files["label"], lab_vol.array.dtype)
+                    save_volume(res.labels[0, 0], lab_vol, self.output_dir / files["label"], file_dtype(lab_vol))
                 if self.save_random:
                     files["random_image"] = f"{stem}_random_image.nii.gz"
                     save_volume(
@@ -269,7 +269,7 @@ class RegistrationPairWorkflow(_Job):
         network: nn.Module,
         diffusion: DeformationDiffusion,
         output_dir: str | os.PathLike,
-        level_pairs: Sequence[Sequence[int]] = ((16, 16),),
+        level_pairs: Sequence[Sequence[int]] = ((16, 16), (24, 16)),
         outputs_per_pair: int = 1,
         **kwargs: Any,
     ) -> None:
@@ -313,12 +313,12 @@ class RegistrationPairWorkflow(_Job):
                     if lab_vol is not None and trip.moving_labels is not None and trip.fixed_labels is not None:
                         files["moving_label"] = f"{stem}_moving_label.nii.gz"
                         files["fixed_label"] = f"{stem}_fixed_label.nii.gz"
-                        dt = lab_vol.array.dtype
+                        dt = file_dtype(lab_vol)
                         save_volume(trip.moving_labels[k, 0], lab_vol, self.output_dir / files["moving_label"], dt)
                         save_volume(trip.fixed_labels[k, 0], lab_vol, self.output_dir / files["fixed_label"], dt)
                     report = self._report(trip.fixed_result, vol, {"id": item["id"], "files": files}, row=k)
                     report.update({"t_aug": t_aug, "t_syn": t_syn, "index": k, "field": "ddf maps moving onto fixed"})
-                    report["moving_field"] = deformation_stats(moving_ddf[0], vol.spacing)
+                    report["moving_field"] = deformation_stats(moving_ddf[0], spacing(vol))
                     atomic_write_json(report, self.output_dir / f"{stem}.json")
                     reports.append(report)
                     datalist.append({"id": stem, **files})

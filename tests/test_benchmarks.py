@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks.report import write_report
 from benchmarks.runner import discover
@@ -51,3 +54,45 @@ def test_report_summary_ratios_and_plots(tmp_path):
     report = write_report(tmp_path / "res", tmp_path / "R.md").read_text()
     assert "| fwd | 2.000 s | 8.000 s | 0.250× | official |" in report
     assert (tmp_path / "plots" / "t.png").stat().st_size > 1000
+
+
+def test_every_benchmark_module_imports():
+    """A renamed helper must not break a benchmark silently (damm_training once imported a removed name)."""
+    import importlib
+
+    for module in discover().values():
+        mod = importlib.import_module(module)
+        assert callable(getattr(mod, "run", None)), f"{module} has no run()"
+
+
+def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch):
+    """An error record makes ``python -m benchmarks run`` exit non-zero (and so fails this suite)."""
+    from benchmarks import __main__ as cli
+    from ddcore.atomic import atomic_write_json
+
+    def fake_run_all(out, quick=False, only=None):
+        return [
+            atomic_write_json(
+                {"name": "x", "figures": [], "error": "ImportError: boom", "environment": {}}, out / "x.json"
+            )
+        ]
+
+    monkeypatch.setattr(cli, "run_all", fake_run_all)
+    assert cli.main(["run", "--out", str(tmp_path)]) == 1
+    assert "## x" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_of_every_benchmark_has_no_error(tmp_path):
+    """Every benchmark module runs in quick mode without an error record (CI runs this)."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    errors = {p.stem: json.loads(p.read_text()).get("error") for p in out.glob("*.json")}
+    assert proc.returncode == 0 and not any(errors.values()), (proc.stderr[-3000:], errors)

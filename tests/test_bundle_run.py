@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-TRAIN = str(CONFIGS / "train.json")
-INFER = str(CONFIGS / "inference.json")
+COMMON = str(CONFIGS / "common.json")  # the shared network/diffusion part, merged first
+TRAIN = [COMMON, str(CONFIGS / "train.json")]
+INFER = [COMMON, str(CONFIGS / "inference.json")]
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 
@@ -205,7 +206,8 @@ def test_inference_workflow_properties_and_geometry(trained, tiny_data, tmp_path
     args += ["--num_inference_steps", "3", "--num_samples", "2", "--progress", "False", "--max_items", "2"]
     for k, v in NET.items():
         args += [f"--{k}", json.dumps(v)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", INFER]
+    config = "[" + ",".join(f"'{c}'" for c in INFER) + "]"  # the CLI's list syntax: merged in order
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config]
     cmd += ["--meta_file", META, "--logging_file", LOGGING, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=foreign, capture_output=True, text=True, timeout=300, env=env)
@@ -227,7 +229,7 @@ def test_inference_workflow_properties_and_geometry(trained, tiny_data, tmp_path
 
 
 def test_evaluate_overlay_compares_ddim_with_ddpm(trained, tiny_data):
-    wf = _workflow([TRAIN, str(CONFIGS / "evaluate.json")], trained, tiny_data, run_id="evaluating", eval_ddpm_items=1)
+    wf = _workflow([*TRAIN, str(CONFIGS / "evaluate.json")], trained, tiny_data, run_id="evaluating", eval_ddpm_items=1)
     _run(wf)
     results = json.loads((trained / "eval" / "evaluate" / "evaluation.json").read_text())
     assert "damm_ddpm-1000_subset" in results["methods"] and "damm_ddim-3_subset" in results["methods"]
@@ -238,7 +240,7 @@ def test_ddp_overlay_with_two_gloo_processes(tmp_path, tiny_data):
     args = ["--bundle_root", str(root), "--dataset_dir", str(tiny_data)]
     for k, v in TINY.items():
         args += [f"--{k}", json.dumps(v)]
-    config = f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']"
+    config = "[" + ",".join(f"'{c}'" for c in [*TRAIN, str(CONFIGS / "multi_gpu_train.json")]) + "]"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", config, "--meta_file", META]
     cmd += ["--logging_file", LOGGING, *args]

@@ -9,20 +9,17 @@ from monai.data import DataLoader
 from monai.networks.schedulers import DDPMScheduler
 
 from damm.engines import (
-    AtomicCheckpointSaver,
     AutoencoderEvaluator,
     AutoencoderTrainer,
     DAMMDiffusionTrainer,
     LatentCacheDataset,
-    ResumeFromCheckpoint,
     build_perceptual_loss,
-    check_state_dict,
-    latest_checkpoint,
 )
 from damm.inferers import DAMMInferer
 from damm.losses import DAMMLoss
+from damm.model import build_autoencoders, build_discriminators
 from damm.networks import DAMMDenoiser
-from damm.workflow import build_autoencoders, build_discriminators
+from ddcore.checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint, check_state_dict, latest_checkpoint
 
 KEYS = ["np_signal", "vessel", "nuclei"]
 
@@ -140,7 +137,7 @@ def _diffusion_setup(tmp_path, max_epochs=2, start=2):
         den,
         opt,
         DAMMLoss(),
-        DAMMInferer(sched),
+        DAMMInferer(sched, batch_size=None),
         target_key="np_signal",
         condition_keys=["vessel", "nuclei"],
         divergence_aware_start_iteration=start,

@@ -8,8 +8,8 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from damm.inferers import DAMMInferer
+from damm.model import DAMMModel, build_autoencoders
 from damm.networks import DAMMDenoiser
-from damm.workflow import DAMMModel, build_autoencoders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +48,9 @@ def test_shapes_confidence_and_choices(spatial_dims):
     model = _model(spatial_dims)
     size = (8,) * spatial_dims
     x = torch.rand(3, 2, *size) * 2 - 1
-    inf = DAMMInferer(_scheduler(), sampler="ddim", num_inference_steps=4, num_samples=2, seed=1, keep_samples=True)
+    inf = DAMMInferer(
+        _scheduler(), batch_size=None, sampler="ddim", num_inference_steps=4, num_samples=2, seed=1, keep_samples=True
+    )
     assert isinstance(inf, Inferer)
     out = inf.sample(x, model)
     assert out.prediction.shape == (3, 1, *size)
@@ -70,7 +72,7 @@ def test_shapes_confidence_and_choices(spatial_dims):
 def test_forced_branches_and_gamma_extremes():
     model = _model()
     x = torch.rand(2, 2, 8, 8) * 2 - 1
-    base = DAMMInferer(_scheduler(), num_inference_steps=3, seed=0)
+    base = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, seed=0)
     uni = base.replace(branch="uni").sample(x, model)
     multi = base.replace(branch="multi").sample(x, model)
     assert not uni.branch_choices.any() and uni.confidence is None
@@ -86,14 +88,14 @@ def test_forced_branches_and_gamma_extremes():
 def test_seed_reproducibility_and_batching():
     model = _model()
     x = torch.rand(5, 2, 8, 8) * 2 - 1
-    a = DAMMInferer(_scheduler(), num_inference_steps=3, seed=7, eta=0.5).sample(x, model)
-    b = DAMMInferer(_scheduler(), num_inference_steps=3, seed=7, eta=0.5).sample(x, model)
-    c = DAMMInferer(_scheduler(), num_inference_steps=3, seed=8, eta=0.5).sample(x, model)
+    a = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, seed=7, eta=0.5).sample(x, model)
+    b = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, seed=7, eta=0.5).sample(x, model)
+    c = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, seed=8, eta=0.5).sample(x, model)
     assert torch.equal(a.prediction, b.prediction)
     assert not torch.allclose(a.prediction, c.prediction)
     # batched: every input gets a prediction; the first batch is the same as sampling those inputs alone
     d = DAMMInferer(_scheduler(), num_inference_steps=3, seed=7, eta=0.5, batch_size=2).sample(x, model)
-    e = DAMMInferer(_scheduler(), num_inference_steps=3, seed=7, eta=0.5).sample(x[:2], model)
+    e = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, seed=7, eta=0.5).sample(x[:2], model)
     assert d.prediction.shape == a.prediction.shape and d.branch_choices.shape == (5, 1, 3)
     assert torch.allclose(d.prediction[:2], e.prediction, atol=1e-5)
 
@@ -101,7 +103,7 @@ def test_seed_reproducibility_and_batching():
 def test_input_forms_agree():
     model = _model(n_aux=2)
     v, a0, a1 = (torch.rand(2, 1, 8, 8) * 2 - 1 for _ in range(3))
-    inf = DAMMInferer(_scheduler(), num_inference_steps=2, seed=0)
+    inf = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=2, seed=0)
     stacked = inf.sample(torch.cat([v, a0, a1], dim=1), model).prediction
     as_list = inf.sample([v, a0, a1], model).prediction
     as_dict = inf.sample({"aux1": a1, "vessel": v, "aux0": a0}, model).prediction
@@ -114,7 +116,7 @@ def test_input_forms_agree():
 
 def test_ddim_schedule_matches_training_and_ddpm_runs_all_steps():
     sched = _scheduler()
-    inf = DAMMInferer(sched, sampler="ddim", num_inference_steps=10)
+    inf = DAMMInferer(sched, batch_size=None, sampler="ddim", num_inference_steps=10)
     ddim = inf.make_sampling_scheduler()
     assert isinstance(ddim, DDIMScheduler)
     assert torch.allclose(ddim.alphas_cumprod, sched.alphas_cumprod)
@@ -123,9 +125,9 @@ def test_ddim_schedule_matches_training_and_ddpm_runs_all_steps():
     ddpm = inf.replace(sampler="ddpm").make_sampling_scheduler()
     assert isinstance(ddpm, DDPMScheduler) and len(ddpm.timesteps) == 1000
     with pytest.raises(ValueError, match="DDPM sampling runs all 1000"):
-        DAMMInferer(sched, sampler="ddpm", num_inference_steps=50)
+        DAMMInferer(sched, batch_size=None, sampler="ddpm", num_inference_steps=50)
     with pytest.raises(ValueError, match="branch"):
-        DAMMInferer(sched, branch="both")
+        DAMMInferer(sched, batch_size=None, branch="both")
 
 
 def test_ddim_eta1_over_all_steps_equals_ddpm():
@@ -135,9 +137,13 @@ def test_ddim_eta1_over_all_steps_equals_ddpm():
         num_train_timesteps=100, schedule="scaled_linear_beta", beta_start=0.002, beta_end=0.2, clip_sample=False
     )
     x = torch.rand(2, 2, 8, 8) * 2 - 1
-    ddpm = DAMMInferer(sched, sampler="ddpm", num_inference_steps=None, seed=3).sample(x, model)
-    ddim = DAMMInferer(sched, sampler="ddim", num_inference_steps=100, eta=1.0, seed=3).sample(x, model)
-    ddim0 = DAMMInferer(sched, sampler="ddim", num_inference_steps=100, eta=0.0, seed=3).sample(x, model)
+    ddpm = DAMMInferer(sched, batch_size=None, sampler="ddpm", num_inference_steps=None, seed=3).sample(x, model)
+    ddim = DAMMInferer(sched, batch_size=None, sampler="ddim", num_inference_steps=100, eta=1.0, seed=3).sample(
+        x, model
+    )
+    ddim0 = DAMMInferer(sched, batch_size=None, sampler="ddim", num_inference_steps=100, eta=0.0, seed=3).sample(
+        x, model
+    )
     assert torch.allclose(ddpm.prediction, ddim.prediction, atol=1e-4)
     assert not torch.allclose(ddpm.prediction, ddim0.prediction, atol=1e-3)
 
@@ -145,7 +151,7 @@ def test_ddim_eta1_over_all_steps_equals_ddpm():
 def test_noise_prediction_uses_scheduler_add_noise():
     model = _model()
     sched = _scheduler()
-    inf = DAMMInferer(sched)
+    inf = DAMMInferer(sched, batch_size=None)
     z0 = torch.randn(2, 2, 8, 8)
     noise = torch.randn_like(z0)
     t = torch.tensor([10, 900])

@@ -15,7 +15,15 @@ from damm.networks import (
     reference_forward_all,
 )
 
-TINY = {"channels": (8, 8, 16, 16), "norm_num_groups": 4, "time_embed_dim": 32, "num_res_blocks": 1}
+# confidence_source "uni" (the official head, one linear layer) as these tests were written for; the default is the
+# bundle's "joint" (tests/test_bundle_configs.py checks that the Python defaults follow the configs)
+TINY = {
+    "channels": (8, 8, 16, 16),
+    "norm_num_groups": 4,
+    "time_embed_dim": 32,
+    "num_res_blocks": 1,
+    "confidence_source": "uni",
+}
 
 
 def _tiny(spatial_dims: int = 2, num_auxiliary: int = 1, latent_channels: int = 2, **kw) -> DAMMDenoiser:

@@ -1,4 +1,4 @@
-"""The rank-based AUROC of the DAMM sampling benchmark (``benchmarks.damm_sampling.auroc``)."""
+"""The AUROC of the DAMM sampling benchmark (``benchmarks.damm_sampling.auroc``, MONAI's ``compute_roc_auc``)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from data_prep import brats, damm_folders, microscopy
-from data_prep.datalist import SPLITS, load_datalist
+from ddcore.datalist import SPLITS, load_datalist
 
 RNG = np.random.default_rng(0)
 
@@ -194,6 +194,20 @@ def test_microscopy_tiles_and_field_split(tmp_path):
     assert microscopy.tile_positions(40, 16, 16) == [0, 16, 24]
 
 
+def test_tile_positions_last_tile_flush_with_the_border():
+    """MONAI's dense_patch_slices along one axis, also with gaps between tiles (stride > tile)."""
+    from damm.tasks.microscopy_files import tile_positions
+
+    assert tile_positions(40, 16, 16) == [0, 16, 24]
+    assert tile_positions(48, 16, 16) == [0, 16, 32]
+    assert tile_positions(40, 16, 8) == [0, 8, 16, 24]
+    assert tile_positions(16, 16, 4) == [0]
+    assert tile_positions(512, 32, 64) == [0, 64, 128, 192, 256, 320, 384, 448, 480]
+    assert tile_positions(100, 32, 50) == [0, 50, 68]
+    with pytest.raises(ValueError, match="tile <= length"):
+        tile_positions(10, 16, 4)
+
+
 def test_microscopy_one_folder_per_field_and_forced_split(tmp_path):
     for field in ("f1", "f2"):
         for ch in ("dna", "ph3"):
@@ -214,7 +228,7 @@ def test_microscopy_bad_inputs_write_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"POS004: missing \['fitc'\]"):
         microscopy.convert(fly, out, tile_size=16)
     tifffile.imwrite(fly / "POS004_fitc.tif", np.zeros((40, 30), np.uint8))
-    with pytest.raises(ValueError, match=r"'POS004'.*different shapes.*POS004_fitc\.tif \(40, 30\)"):
+    with pytest.raises(ValueError, match=r"'POS004'.*not on the grid.*POS004_fitc\.tif shape=\(40, 30\)"):
         microscopy.convert(fly, out, tile_size=16)
     tifffile.imwrite(fly / "POS004_fitc.tif", np.zeros((3, 40, 36), np.uint8))
     with pytest.raises(ValueError, match=r"POS004_fitc\.tif: expected a 2D"):

@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep import synthetic_np
-from data_prep.datalist import SPLITS, load_datalist
 from data_prep.synthetic_np import ensure_dataset, generate, simulate
+from ddcore.datalist import SPLITS, load_datalist
 
 
 def _digest(folder):
@@ -79,6 +79,31 @@ def test_ensure_dataset_reuses_regenerates_and_refuses(tmp_path):
     with pytest.raises(FileExistsError, match="foreign"):
         ensure_dataset(foreign, n=4, size=16)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_bundle_datalist_resolution_takes_the_generator(tmp_path):
+    """``damm.data.resolve_datalist`` generates through the generator train.json passes (the runtime never
+    imports ``data_prep``), lets an explicit datalist win, and fails clearly without a datalist or generator."""
+    from damm.data import check_splits, resolve_datalist
+
+    calls = []
+
+    def generator(folder, **kwargs):
+        calls.append((folder, kwargs))
+        return ensure_dataset(folder, **kwargs)
+
+    out = tmp_path / "ds"
+    path = resolve_datalist(None, out, True, {"n": 6, "size": 16, "seed": 0}, generator=generator)
+    assert path == str(out / "datalist.json") and calls == [(out, {"n": 6, "size": 16, "seed": 0})]
+    assert check_splits(path, ["np_signal", "vessel", "nuclei"], ["training"]) == {"training": 4}
+    assert resolve_datalist(path, tmp_path / "elsewhere", True, {"n": 1}, generator=generator) == path
+    assert resolve_datalist(None, out, False) == path  # the folder's datalist.json, nothing generated
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="no 'generator'"):
+        resolve_datalist(None, tmp_path / "new", True, {"n": 6})
+    with pytest.raises(FileNotFoundError, match="datalist not found"):
+        resolve_datalist(None, tmp_path / "new", False)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(

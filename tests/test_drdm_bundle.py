@@ -11,9 +11,11 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from data_prep.volumes import build_volume_datalist, load_volume_datalist
+from data_prep.volumes import build_volume_datalist
 from data_prep.volumes import main as volumes_main
-from drdm.io import deformation_stats, latest_checkpoint, read_volume, save_ddf, save_volume
+from ddcore.checkpoints import latest_checkpoint
+from ddcore.datalist import load_volume_datalist
+from drdm.io import deformation_stats, file_dtype, read_volume, save_ddf, save_volume, spacing
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 TINY = {"network_def#channels": [2, 4, 8], "diffusion#control_size": 16}
@@ -49,7 +51,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def _workflow(name: str, run_id: str, bundle_root: Path, dataset_dir: Path, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / name),
+        config_file=[str(CONFIGS / "drdm_common.json"), str(CONFIGS / name)],
         meta_file=None,
         logging_file=False,
         workflow_type="train" if run_id == "training" else "infer",
@@ -81,17 +83,46 @@ def test_datalist_builder_and_errors(dataset, tmp_path):
 
 def test_affine_round_trip_and_ddf_file(tmp_path, dataset):
     vol = read_volume(dataset / "img" / "case_a.nii.gz", 3)
-    save_volume(vol.array.astype(np.float32) * 2, vol, tmp_path / "out.nii.gz", np.float32)
+    source = nib.load(dataset / "img" / "case_a.nii.gz")
+    assert vol.shape == (1, 20, 16, 12) and np.array_equal(vol[0].numpy(), np.asarray(source.dataobj))
+    assert file_dtype(vol) == np.int16 and np.allclose(vol.affine.numpy(), AFFINE)
+    save_volume(vol[0].numpy() * 2, vol, tmp_path / "out.nii.gz", np.float32)
     back = nib.load(tmp_path / "out.nii.gz")
     assert np.allclose(back.affine, AFFINE) and nib.aff2axcodes(back.affine) == nib.aff2axcodes(AFFINE)
-    assert np.allclose(np.asarray(back.dataobj), vol.array * 2)
-    assert vol.spacing == pytest.approx((1.5, 1.0, 2.5))
-    ddf = torch.randn(3, *vol.array.shape)
+    assert np.allclose(np.asarray(back.dataobj), vol[0].numpy() * 2)
+    assert spacing(vol) == pytest.approx((1.5, 1.0, 2.5))
+    ddf = torch.randn(3, *vol.shape[1:])
     save_ddf(ddf, vol, tmp_path / "ddf.nii.gz")
     img = nib.load(tmp_path / "ddf.nii.gz")
-    assert img.shape == (*vol.array.shape, 1, 3) and img.header.get_intent()[0] == "vector"
+    assert img.shape == (*vol.shape[1:], 1, 3) and img.header.get_intent()[0] == "vector"
+    assert img.header.get_intent()[2] == "ddf_voxels"
     assert np.allclose(np.asarray(img.dataobj)[..., 0, :], np.moveaxis(ddf.numpy(), 0, -1))
     assert np.allclose(img.affine, AFFINE)
+    with pytest.raises(ValueError, match="not on the reference grid"):
+        save_volume(np.zeros((20, 16, 11)), vol, tmp_path / "bad.nii.gz")
+
+
+def test_read_volume_2d_slice_and_errors(tmp_path):
+    slice_ = (np.arange(30 * 22) % 200).astype(np.uint8).reshape(30, 22, 1)
+    nib.save(nib.Nifti1Image(slice_, AFFINE), tmp_path / "s.nii.gz")
+    vol = read_volume(tmp_path / "s.nii.gz", 2, "slice")
+    assert vol.shape == (1, 30, 22) and spacing(vol) == pytest.approx((1.5, 1.0)) and file_dtype(vol) == np.uint8
+    save_volume(vol[0] + 1, vol, tmp_path / "out.nii.gz", np.uint8)
+    out = nib.load(tmp_path / "out.nii.gz")  # stored on the input's grid (X, Y, 1)
+    assert out.shape == (30, 22, 1) and np.array_equal(np.asarray(out.dataobj)[..., 0], vol[0].numpy() + 1)
+    save_ddf(torch.ones(2, 30, 22), vol, tmp_path / "ddf.nii.gz")
+    assert nib.load(tmp_path / "ddf.nii.gz").shape == (30, 22, 1, 1, 2)
+    nib.save(nib.Nifti1Image(np.zeros((30, 22, 2), np.float32), AFFINE), tmp_path / "thick.nii.gz")
+    with pytest.raises(ValueError, match=r"slice: .* has shape \(30, 22, 2\); expected 2 spatial dims"):
+        read_volume(tmp_path / "thick.nii.gz", 2, "slice")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), AFFINE), tmp_path / "two.nii.gz")
+    with pytest.raises(ValueError, match="one channel"):
+        read_volume(tmp_path / "two.nii.gz", 3, "image")
+    with pytest.raises(FileNotFoundError, match="label: file not found"):
+        read_volume(tmp_path / "missing.nii.gz", 3, "label")
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="image: cannot read"):
+        read_volume(tmp_path / "bad.nii.gz", 3)
 
 
 def test_deformation_stats_hand_computed():
@@ -108,16 +139,8 @@ def test_deformation_stats_hand_computed():
 def test_latest_checkpoint_is_numeric(tmp_path):
     assert latest_checkpoint(tmp_path / "none") is None
     for n in (2, 9, 10):
-        (tmp_path / f"checkpoint_{n}.pt").write_bytes(b"")
-    assert latest_checkpoint(tmp_path).endswith("checkpoint_10.pt")
-
-
-def test_configs_share_network_and_diffusion():
-    configs = {p: json.loads((CONFIGS / p).read_text()) for p in ("drdm_train.json", "drdm_augment.json")}
-    configs["drdm_register_pairs.json"] = json.loads((CONFIGS / "drdm_register_pairs.json").read_text())
-    first = configs["drdm_train.json"]
-    for cfg in configs.values():
-        assert cfg["network_def"] == first["network_def"] and cfg["diffusion"] == first["diffusion"]
+        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=10.pt"
 
 
 def test_bundle_run_ids_end_to_end(dataset, tmp_path, monkeypatch):
@@ -127,10 +150,10 @@ def test_bundle_run_ids_end_to_end(dataset, tmp_path, monkeypatch):
     assert train.check_properties() == []
     train.run()
     ckpt_dir = bundle / "models" / "drdm"
-    assert {"checkpoint_1.pt", "checkpoint_2.pt", "model.pt"} <= {p.name for p in ckpt_dir.iterdir()}
-    state = torch.load(ckpt_dir / "checkpoint_2.pt", weights_only=True)
+    assert {"checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"} <= {p.name for p in ckpt_dir.iterdir()}
+    state = torch.load(ckpt_dir / "checkpoint_epoch=2.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "trainer"} and state["trainer"]["iteration"] == 2
-    # resume: picks checkpoint_2 and continues to epoch 3 only
+    # resume: picks checkpoint_epoch=2 and continues to epoch 3 only
     resumed = _workflow("drdm_train.json", "training", bundle, dataset, roi_size=[16, 16, 8], max_epochs=3)
     resumed.run()
     trainer = resumed.parser.get_parsed_content("train#trainer")
@@ -224,5 +247,5 @@ def test_bundle_2d_slices(tmp_path):
     aug.run()
     out = bundle / "eval" / "drdm_augment"
     img, ddf = nib.load(out / "s1_tp003_00_image.nii.gz"), nib.load(out / "s1_tp003_00_ddf.nii.gz")
-    assert img.shape == (30, 22) and ddf.shape == (30, 22, 1, 1, 2) and np.allclose(img.affine, AFFINE)
+    assert img.shape == (30, 22, 1) and ddf.shape == (30, 22, 1, 1, 2) and np.allclose(img.affine, AFFINE)
     assert json.loads((out / "s1_tp003_00.json").read_text())["t_prime"] == 3

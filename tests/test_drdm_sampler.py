@@ -167,3 +167,16 @@ def test_transform_bad_input():
     deform = RandDRDMDeformd("image", sampler, label_keys="label", t_prime=3)
     with pytest.raises(ValueError, match="does not match"):
         deform({"image": _image(2)[0], "label": torch.zeros(1, 5, 5)})
+
+
+def test_warp_intensities_pads_with_the_image_minimum():
+    from drdm.sampler import warp_intensities
+
+    image = torch.full((1, 1, 4, 4), 5.0)
+    image[0, 0, 1:3, 1:3] = 9.0
+    image -= 1024.0  # a CT-like scale: the background is the minimum, not 0
+    ddf = torch.zeros(1, 2, 4, 4)
+    assert torch.equal(warp_intensities(image, ddf), image)  # identity field
+    ddf[:, 0] = 10.0  # every voxel samples from outside the image
+    out = warp_intensities(image, ddf)
+    assert torch.allclose(out, torch.full_like(image, image.min().item()))

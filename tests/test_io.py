@@ -44,3 +44,39 @@ def test_temporary_names_are_recognised_and_cleared(tmp_path):
     assert remove_stale_temporaries(tmp_path) == [leftover]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
     assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_atomic_folder_builds_replaces_and_leaves_recognised_temporaries(tmp_path, monkeypatch):
+    import ddcore.atomic as atomic
+    from ddcore.atomic import atomic_folder, is_temporary
+
+    out = tmp_path / "dataset"
+    with atomic_folder(out, lambda p: True) as tmp:
+        assert is_temporary(tmp) and tmp.parent == tmp_path and tmp.name.startswith(".dataset.")
+        (tmp / "a.txt").write_text("1")
+        assert not out.exists()  # nothing is visible before the block succeeds
+    assert (out / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+    with pytest.raises(RuntimeError), atomic_folder(out, lambda p: True) as tmp:
+        (tmp / "b.txt").write_text("half")
+        raise RuntimeError("crash mid-build")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the previous folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+    with pytest.raises(FileExistsError, match="not written by this tool"), atomic_folder(out, lambda p: False):
+        pass
+
+    # a killed run leaves its build folder (or the moved-away old folder): both are recognised as temporaries
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(RuntimeError), atomic_folder(out, lambda p: True) as crashed:
+        (crashed / "b.txt").write_text("half")
+        raise RuntimeError("killed")
+    with atomic_folder(out, lambda p: True) as tmp:
+        (tmp / "c.txt").write_text("2")
+    leftovers = sorted(p for p in tmp_path.iterdir() if p.name != "dataset")
+    assert len(leftovers) == 2 and all(is_temporary(p) and p.is_dir() for p in leftovers)
+    assert crashed in leftovers and crashed.name.endswith(".tmp")
+    assert any(p.name.endswith(".tmp-old") and (p / "data" / "a.txt").is_file() for p in leftovers)
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert not is_temporary(tmp_path / "dataset") and not is_temporary(tmp_path / ".dataset")

@@ -18,8 +18,8 @@ import damm.networks.fusion as fusion_module
 from damm.engines import AutoencoderEvaluator, AutoencoderTrainer, DAMMDiffusionTrainer, LatentCacheDataset
 from damm.inferers import DAMMInferer
 from damm.losses import DAMMLoss
+from damm.model import DAMMModel, build_autoencoders, build_discriminators
 from damm.networks import DAMMDenoiser, build_autoencoder
-from damm.workflow import DAMMModel, build_autoencoders, build_discriminators
 from data_prep.synthetic_np import ensure_dataset
 from ddcore.precision import autocast
 
@@ -29,8 +29,9 @@ CONVS = (nn.Conv2d, nn.Conv3d)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-TRAIN = str(CONFIGS / "train.json")
-INFER = str(CONFIGS / "inference.json")
+COMMON = str(CONFIGS / "common.json")  # the shared network/diffusion part, merged first
+TRAIN = [COMMON, str(CONFIGS / "train.json")]
+INFER = [COMMON, str(CONFIGS / "inference.json")]
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 # the tiny bundle of tests/test_bundle_run.py, smaller still: 32 px tiles -> 8 px latents, few items and steps
@@ -131,7 +132,8 @@ def _diffusion_trainer(den: nn.Module, precision: str, **kw) -> DAMMDiffusionTra
         den,
         torch.optim.AdamW(den.parameters(), lr=1e-3),
         DAMMLoss(),
-        DAMMInferer(_scheduler()),
+        DAMMInferer(_scheduler(), batch_size=None),
+        target_key="np_signal",
         condition_keys=["vessel", "nuclei"],
         divergence_aware_start_iteration=1,
         precision=precision,
@@ -156,9 +158,9 @@ def test_engines_reject_bad_precision_at_construction(precision):
         _diffusion_trainer(_denoiser(), precision)
     if precision == "fp8":
         with pytest.raises(ValueError, match="precision"):
-            DAMMInferer(_scheduler(), precision=precision)
+            DAMMInferer(_scheduler(), batch_size=None, precision=precision)
     else:  # the inferer knows its device only when sampling: fp16 fails there, before any step
-        inferer = DAMMInferer(_scheduler(), num_inference_steps=2, precision=precision)
+        inferer = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=2, precision=precision)
         assert inferer.replace(branch="uni").precision == "fp16"
         model = _model()
         calls = []
@@ -397,7 +399,7 @@ def test_latent_cache_bf16_is_fp32_and_close():
 
 def test_inferer_bf16_keeps_latents_and_scheduler_in_fp32(monkeypatch):
     model = _model()
-    inferer = DAMMInferer(_scheduler(), num_inference_steps=3, eta=1.0, precision="bf16")
+    inferer = DAMMInferer(_scheduler(), batch_size=None, num_inference_steps=3, eta=1.0, precision="bf16")
     assert inferer.settings()["precision"] == "bf16" and inferer.replace(branch="uni").precision == "bf16"
     steps = []
     real_step = DAMMInferer._step

@@ -211,7 +211,7 @@ def _write_case(folder: Path, name: str, shape: tuple[int, ...], seed: int) -> N
 
 def _workflow(name: str, run_id: str, bundle: Path, data: Path, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / name),
+        config_file=[str(CONFIGS / "drdm_common.json"), str(CONFIGS / name)],
         meta_file=None,
         logging_file=False,
         workflow_type="train" if run_id == "training" else "infer",

@@ -13,20 +13,15 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from damm.tasks.brats import (
-    BraTSTaskData,
-    check_subject_files,
-    heldout_slab,
-    prepare_subject,
-    subject_files,
-    write_nifti_like,
-)
-from damm.tasks.impute import impute, main
+from damm.tasks.brats import BraTSTaskData, prepare_subject, write_nifti_like
+from damm.tasks.brats_files import check_subject_files, subject_files
+from damm.tasks.brats_volume import heldout_slab
+from damm.tasks.impute import bundle_config_files, impute, main
 from damm.tasks.metrics import masked_metrics, to_unit
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-CONFIG_FILES = [str(CONFIGS / "train.json"), str(CONFIGS / "task_brats.json")]
+CONFIG_FILES = [str(CONFIGS / "common.json"), str(CONFIGS / "train.json"), str(CONFIGS / "task_brats.json")]
 
 # tiny networks (autoencoder 4x, denoiser 4x -> slices padded to multiples of 16), 4 mm voxels
 NET = {"ae_channels": [8, 8, 8], "dm_channels": [8, 8, 8, 8], "dm_time_embed_dim": 16, "task_pixdim": [4, 4, 4]}
@@ -142,18 +137,40 @@ def test_bad_subjects_fail_before_work(tmp_path):
     (subj / "flair.nii.gz").unlink()
     _nifti(subj / "t1c.nii.gz", spacing=2.0)
     with pytest.raises(ValueError, match="not co-registered"):
-        impute(subj, bundle_root=tmp_path / "no_bundle")
+        impute(subj, bundle_root=tmp_path / "no_bundle", config_files=CONFIG_FILES)
     (subj / "t1c.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"missing source modalities \['t1c'\]"):
-        impute(subj, bundle_root=tmp_path / "no_bundle")
+        impute(subj, bundle_root=tmp_path / "no_bundle", config_files=CONFIG_FILES)
     # BraTS 2023 naming: an existing real FLAIR (t2f) is never overwritten
     b23 = tmp_path / "BraTS-GLI-00001-000"
     for tag in ("t1n", "t1c", "t2w", "t2f"):
         _nifti(b23 / f"BraTS-GLI-00001-000-{tag}.nii.gz")
     with pytest.raises(FileExistsError, match=r"t2f\.nii\.gz exists \(a real flair acquisition\)"):
-        impute(b23, bundle_root=tmp_path / "no_bundle")
+        impute(b23, bundle_root=tmp_path / "no_bundle", config_files=CONFIG_FILES)
     with pytest.raises(SystemExit) as exit_info:
-        main([str(b23), "--bundle-root", str(tmp_path / "no_bundle")])
+        main([str(b23), "--bundle-root", str(tmp_path / "no_bundle"), "--config-file", *CONFIG_FILES])
+    assert exit_info.value.code == 2
+
+
+def test_impute_finds_configs_through_the_bundle_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./bundle here
+    monkeypatch.delenv("DAMM_BUNDLE_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"not found in .*no_bundle/configs.*--bundle-root.*DAMM_BUNDLE_ROOT"):
+        bundle_config_files(tmp_path / "no_bundle")
+    monkeypatch.setenv("DAMM_BUNDLE_ROOT", str(REPO / "bundle"))
+    assert list(bundle_config_files()) == CONFIG_FILES  # the environment's bundle root
+    assert list(bundle_config_files(tmp_path / "run")) == CONFIG_FILES  # a run folder without configs/
+    own = tmp_path / "own" / "configs"
+    own.mkdir(parents=True)
+    for f in CONFIG_FILES:
+        shutil.copy(f, own / Path(f).name)
+    assert bundle_config_files(tmp_path / "own") == tuple(str(own / Path(f).name) for f in CONFIG_FILES)
+    subj = tmp_path / "s"
+    for m in ("t1", "t1c", "t2"):
+        _nifti(subj / f"{m}.nii.gz")
+    monkeypatch.delenv("DAMM_BUNDLE_ROOT")
+    with pytest.raises(SystemExit) as exit_info:  # the command names the option
+        main([str(subj), "--bundle-root", str(tmp_path / "no_bundle")])
     assert exit_info.value.code == 2
 
 
@@ -206,7 +223,8 @@ def test_impute_missing_flair_on_a_copy(trained, brats_dir, tmp_path):
     for m in ("t1", "t1c", "t2"):
         shutil.copy(brats_dir / "TCGA-DU-7294" / f"{m}.nii.gz", subj / f"{m}.nii.gz")
     overrides = [f"{k}={json.dumps(v)}" for k, v in NET.items()]
-    assert main([str(subj), "--bundle-root", str(trained), "--steps", "3", "--seed", "1", "--set", *overrides]) == 0
+    args = [str(subj), "--bundle-root", str(trained), "--config-file", *CONFIG_FILES]
+    assert main([*args, "--steps", "3", "--seed", "1", "--set", *overrides]) == 0
     out = subj / "flair.nii.gz"
     src = nib.load(str(subj / "t2.nii.gz"))
     img = nib.load(str(out))
@@ -218,7 +236,7 @@ def test_impute_missing_flair_on_a_copy(trained, brats_dir, tmp_path):
     assert side["intensity_mapping"]["source"].endswith("target_intensity.json")
     before = out.stat().st_mtime_ns
     with pytest.raises(SystemExit):  # the output now exists (an earlier synthesis): refused
-        main([str(subj), "--bundle-root", str(trained), "--steps", "3", "--set", *overrides])
+        main([*args, "--steps", "3", "--set", *overrides])
     assert out.stat().st_mtime_ns == before
 
 
@@ -231,3 +249,24 @@ def test_write_nifti_like_keeps_geometry(tmp_path):
     np.testing.assert_allclose(np.asarray(img.dataobj), arr)
     with pytest.raises(ValueError, match="shape"):
         write_nifti_like(arr[:4], ref, tmp_path / "y.nii.gz")
+
+
+def test_write_nifti_like_keeps_qform_sform_and_codes(tmp_path):
+    """A scanner-anchored qform and an aligned sform that differ stay as they are, codes included."""
+    qform = np.array([[0.0, -1.2, 0.0, 10.0], [0.9, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 3.0], [0, 0, 0, 1]])
+    sform = qform.copy()
+    sform[:3, 3] += [1.0, 2.0, 3.0]
+    img = nib.Nifti1Image(np.zeros((8, 8, 6), np.int16), None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=2)
+    ref = tmp_path / "ref.nii.gz"
+    nib.save(img, str(ref))
+    out = nib.load(str(write_nifti_like(np.ones((8, 8, 6), np.float32), ref, tmp_path / "x.nii.gz")))
+    src = nib.load(str(ref))
+    for get in ("get_qform", "get_sform"):
+        (a, ca), (b, cb) = getattr(out.header, get)(coded=True), getattr(src.header, get)(coded=True)
+        np.testing.assert_allclose(a, b)
+        assert int(ca) == int(cb)
+    np.testing.assert_allclose(out.affine, src.affine)
+    assert out.shape == src.shape and nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
+    assert out.get_data_dtype() == np.float32

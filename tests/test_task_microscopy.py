@@ -12,7 +12,8 @@ import tifffile
 import torch
 from monai.bundle import ConfigWorkflow
 
-from damm.tasks.microscopy import MicroscopyTaskData, load_field, predict_field, to_input_scale
+from damm.outputs import to_input_scale
+from damm.tasks.microscopy import MicroscopyTaskData, load_field, predict_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -58,7 +59,7 @@ def human_dir(shared_data) -> Path:
 
 def _run(root: Path, data: Path, run_id: str, **extra) -> None:
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "task_microscopy.json")],
+        config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train.json"), str(CONFIGS / "task_microscopy.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"),
         run_id=run_id,
@@ -107,7 +108,9 @@ def test_region_split_keeps_heldout_columns_out_of_training(tmp_path):
 def test_bad_fields_fail_clearly(tmp_path):
     _field(tmp_path / "f", {"a": (64, 96), "b": (64, 96), "c": (64, 80)})
     task = MicroscopyTaskData(tmp_path / "f", target="c", conditions=["a", "b"], tile_size=32)
-    with pytest.raises(ValueError, match=r"channels differ in size.*c: c\.tif \(64, 80\)"):
+    with pytest.raises(
+        ValueError, match=r"channels \['c'\] are not on the grid.*shape of 'c' \(64, 80\).*c: c\.tif shape=\(64, 80\)"
+    ):
         task.check()
     with pytest.raises(ValueError, match="divisible"):
         MicroscopyTaskData(tmp_path / "f", target="c", conditions=["a", "b"], tile_size=40, multiple=16)
@@ -129,6 +132,7 @@ def test_sliding_window_blends_to_whole_field():
     assert max(calls) <= 4 and len(calls) > 1
     y = to_input_scale(torch.tensor([[-1.0, 0.0, 1.0, 3.0]]), {"lower": 10.0, "upper": 250.0}, "uint8")
     assert y.dtype == np.uint8 and y.tolist() == [[10, 130, 250, 255]]
+    assert to_input_scale(torch.tensor([[-1.0, 0.0, 1.0, 3.0]]), (10.0, 250.0), "uint8").tolist() == y.tolist()
 
 
 def test_training_and_heldout_evaluation(trained):

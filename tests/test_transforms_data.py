@@ -10,13 +10,14 @@ import torch
 from monai.data import DataLoader, Dataset
 from PIL import Image
 
-from data_prep.datalist import load_datalist
 from data_prep.synthetic_np import generate
+from ddcore.datalist import load_datalist
 from transforms.intensity import NORM_META_KEY, RobustNormalised, denormalise
 from transforms.pipelines import brats_slice_pipeline, brats_volume_pipeline, microscopy_pipeline, np_pipeline
 from transforms.slices import RandAxialSliced, iter_slices, stack_slices
 
 KEYS = ["np_signal", "vessel", "nuclei"]
+BRATS = ["t1", "t1c", "t2", "flair"]  # the pipelines take the modality list from their caller
 RNG = np.random.default_rng(0)
 
 
@@ -44,7 +45,7 @@ def _brain(tmp_path, shape=(20, 18, 12)):
 # ----------------------------------------------------------------- NP tiles
 def test_synthetic_np_pipeline_batch_and_exact_inverse(synthetic):
     items = load_datalist(synthetic, "training", KEYS)
-    batch = next(iter(DataLoader(Dataset(items[:3], np_pipeline()), batch_size=3)))
+    batch = next(iter(DataLoader(Dataset(items[:3], np_pipeline(KEYS)), batch_size=3)))
     for key in KEYS:
         x = batch[key]
         assert x.shape == (3, 1, 16, 16) and x.dtype == torch.float32
@@ -66,7 +67,7 @@ def test_official_rgb_pseudocolour(tmp_path, keep_rgb):
         rgb[..., ch] = red
         files[key] = str(tmp_path / f"{key}.png")
         Image.fromarray(rgb).save(files[key])
-    out = np_pipeline(source="official", keep_rgb=keep_rgb)(files)
+    out = np_pipeline(KEYS, source="official", keep_rgb=keep_rgb)(files)
     expected = red / 255.0 * 2 - 1
     for ch, key in enumerate(KEYS):
         x = out[key]
@@ -121,7 +122,7 @@ def test_normalisation_clips_and_hand_computed():
 # ----------------------------------------------------------------- BraTS volumes and slices
 def test_brats_volume_slices_and_reassembly(tmp_path):
     item, inside = _brain(tmp_path)
-    vol = brats_volume_pipeline(seg_key="seg")(item)
+    vol = brats_volume_pipeline(BRATS, seg_key="seg")(item)
     assert vol["t1"].shape == vol["seg"].shape == vol["brain_mask"].shape
     assert vol["t1"].shape[1:] == tuple(int(i) for i in np.ptp(np.array(np.nonzero(inside)), axis=1) + 1)
     brain = vol["brain_mask"] > 0
@@ -130,7 +131,7 @@ def test_brats_volume_slices_and_reassembly(tmp_path):
     slices = list(iter_slices(vol, ["t1", "seg"]))
     assert len(slices) == vol["t1"].shape[-1] and slices[3]["t1"].shape == (1, *vol["t1"].shape[1:3])
     torch.testing.assert_close(stack_slices([s["t1"] for s in slices]), vol["t1"].as_tensor())
-    pipe = brats_slice_pipeline(seg_key="seg", spatial_size=16, min_foreground=0.3, num_samples=4)
+    pipe = brats_slice_pipeline(BRATS, seg_key="seg", spatial_size=16, min_foreground=0.3, num_samples=4)
     pipe.set_random_state(1)
     samples = pipe(item)
     assert len(samples) == 4
@@ -215,7 +216,7 @@ def test_bad_dimensionality(tmp_path):
 def test_shared_brats_case(shared_data):
     case = shared_data / "brats" / "TCGA-DU-7294"
     item = {k: str(case / f"{k}.nii.gz") for k in ("t1", "t1c", "t2", "flair", "seg")}
-    pipe = brats_slice_pipeline(seg_key="seg", spatial_size=(192, 192), min_foreground=0.2, num_samples=2)
+    pipe = brats_slice_pipeline(BRATS, seg_key="seg", spatial_size=(192, 192), min_foreground=0.2, num_samples=2)
     pipe.set_random_state(0)
     samples = pipe(item)
     for s in samples:

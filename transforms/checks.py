@@ -1,8 +1,14 @@
-"""Input checks that fail early with the key and the file: finiteness, dimensionality, co-registration."""
+"""Input checks that fail early with the key and the file: finiteness, dimensionality, co-registration.
+
+:func:`check_coregistered` is the project's one co-registration rule (same shape, and, where the images carry an
+affine, the same spacing and orientation, optionally origin). :class:`CheckCoregisteredd` applies it to loaded
+MetaTensors; the header-only pre-checks of the tasks and converters apply it to geometries read from file headers
+(:func:`geometry_from_affine`), so every path reports a mismatch with the same message.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +19,15 @@ from monai.transforms import MapTransform
 
 from transforms.loading import source_name
 
-__all__ = ["CheckCoregisteredd", "CheckFinited", "CheckSpatialDimsd", "affine_of", "describe_geometry"]
+__all__ = [
+    "CheckCoregisteredd",
+    "CheckFinited",
+    "CheckSpatialDimsd",
+    "affine_of",
+    "check_coregistered",
+    "describe_geometry",
+    "geometry_from_affine",
+]
 
 
 class CheckFinited(MapTransform):
@@ -115,6 +129,28 @@ def affine_of(x: Any) -> np.ndarray:
     return np.eye(n + 1)
 
 
+def geometry_from_affine(shape: Sequence[int], affine: Any = None) -> dict[str, Any]:
+    """Shape, spacing, direction cosines and origin from a spatial shape and an affine.
+
+    Args:
+        shape: spatial shape (no channel).
+        affine: ``(s+1, s+1)`` matrix, or ``None`` for images without geometry (e.g. TIFF/PNG tiles), whose
+            co-registration is then judged on the shape alone.
+
+    Returns:
+        Dict with ``shape`` (tuple of ints) and ``spacing``, ``direction`` (unit column vectors), ``origin``
+        (``None`` each when ``affine`` is ``None``).
+    """
+    shape = tuple(int(s) for s in shape)
+    if affine is None:
+        return {"shape": shape, "spacing": None, "direction": None, "origin": None}
+    aff = np.asarray(affine, dtype=np.float64)
+    n = aff.shape[0] - 1
+    spacing = np.linalg.norm(aff[:n, :n], axis=0)
+    direction = aff[:n, :n] / np.where(spacing > 0, spacing, 1.0)
+    return {"shape": shape, "spacing": spacing, "direction": direction, "origin": aff[:n, n]}
+
+
 def describe_geometry(x: Any) -> dict[str, Any]:
     """Shape, spacing, orientation codes and origin of an image (for messages and checks).
 
@@ -124,16 +160,75 @@ def describe_geometry(x: Any) -> dict[str, Any]:
     Returns:
         Dict with ``shape``, ``spacing``, ``direction`` (unit column vectors), ``origin``.
     """
-    aff = affine_of(x)
-    n = aff.shape[0] - 1
-    spacing = np.linalg.norm(aff[:n, :n], axis=0)
-    direction = aff[:n, :n] / np.where(spacing > 0, spacing, 1.0)
-    return {
-        "shape": tuple(int(s) for s in x.shape[1:]),
-        "spacing": spacing,
-        "direction": direction,
-        "origin": aff[:n, n],
-    }
+    return geometry_from_affine(x.shape[1:], affine_of(x))
+
+
+def check_coregistered(
+    geometries: Mapping[str, Mapping[str, Any]],
+    names: Mapping[str, str] | None = None,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+    origin_tol: float | None = None,
+    what: str = "modalities",
+) -> None:
+    """Raise ``ValueError`` unless every geometry matches the first one (the project's co-registration rule).
+
+    Shapes must be equal; where both geometries carry an affine (:func:`geometry_from_affine`), spacing and
+    direction cosines must agree within the tolerances, and the origin too when ``origin_tol`` is given.
+
+    Args:
+        geometries: ``{key: geometry}`` (first entry is the reference), from :func:`describe_geometry` or
+            :func:`geometry_from_affine`.
+        names: ``{key: file name}`` for the message (default: the keys).
+        spacing_tol: absolute tolerance on voxel spacing (affine units, usually mm).
+        direction_tol: absolute tolerance on the direction cosines.
+        origin_tol: absolute tolerance on the origin; ``None`` skips the origin check.
+        what: what the keys are, for the message (``"modalities"``, ``"channels"``).
+
+    Raises:
+        ValueError: a mismatch; the message names the mismatching keys, each problem, and every key's file,
+            shape and spacing, e.g. ``modalities ['t2'] are not on the grid of 't1', i.e. not co-registered:
+            spacing of 't2' [1.0, 1.0, 2.0] != [1.0, 1.0, 1.0] of 't1'. Files: t1: t1.nii.gz shape=(6, 5, 4)
+            spacing=[1.0, 1.0, 1.0]; t2: ...``.
+    """
+    keys = list(geometries)
+    if len(keys) < 2:
+        return
+    ref, r = keys[0], geometries[keys[0]]
+    problems, bad = [], []
+    for k in keys[1:]:
+        g = geometries[k]
+        found = []
+        if tuple(g["shape"]) != tuple(r["shape"]):
+            found.append(f"shape of {k!r} {tuple(g['shape'])} != {tuple(r['shape'])} of {ref!r}")
+        elif g["spacing"] is not None and r["spacing"] is not None:
+            if not np.allclose(g["spacing"], r["spacing"], atol=spacing_tol, rtol=0):
+                found.append(
+                    f"spacing of {k!r} {np.round(g['spacing'], 4).tolist()} != "
+                    f"{np.round(r['spacing'], 4).tolist()} of {ref!r}"
+                )
+            if not np.allclose(g["direction"], r["direction"], atol=direction_tol, rtol=0):
+                found.append(f"orientation of {k!r} differs from {ref!r}")
+            if origin_tol is not None and not np.allclose(g["origin"], r["origin"], atol=origin_tol, rtol=0):
+                found.append(
+                    f"origin of {k!r} {np.round(g['origin'], 2).tolist()} != {np.round(r['origin'], 2).tolist()} "
+                    f"of {ref!r}"
+                )
+        if found:
+            bad.append(k)
+            problems += found
+    if problems:
+        names = dict(names or {})
+
+        def _desc(k: str) -> str:
+            g = geometries[k]
+            spacing = "" if g["spacing"] is None else f" spacing={np.round(g['spacing'], 4).tolist()}"
+            return f"{k}: {names.get(k, k)} shape={tuple(g['shape'])}{spacing}"
+
+        raise ValueError(
+            f"{what} {bad} are not on the grid of {ref!r}, i.e. not co-registered: {'; '.join(problems)}. "
+            f"Files: {'; '.join(_desc(k) for k in keys)}"
+        )
 
 
 class CheckCoregisteredd(MapTransform):
@@ -176,29 +271,11 @@ class CheckCoregisteredd(MapTransform):
         """
         d = dict(data)
         keys = list(self.key_iterator(d))
-        if len(keys) < 2:
-            return d
-        geo = {k: describe_geometry(d[k]) for k in keys}
-        ref = keys[0]
-        problems = []
-        for k in keys[1:]:
-            g, r = geo[k], geo[ref]
-            if g["shape"] != r["shape"]:
-                problems.append(f"shape of {k!r} {g['shape']} != {r['shape']} of {ref!r}")
-                continue
-            if not np.allclose(g["spacing"], r["spacing"], atol=self.spacing_tol, rtol=0):
-                problems.append(
-                    f"spacing of {k!r} {np.round(g['spacing'], 4).tolist()} != "
-                    f"{np.round(r['spacing'], 4).tolist()} of {ref!r}"
-                )
-            if not np.allclose(g["direction"], r["direction"], atol=self.direction_tol, rtol=0):
-                problems.append(f"orientation of {k!r} differs from {ref!r}")
-            if self.origin_tol is not None and not np.allclose(g["origin"], r["origin"], atol=self.origin_tol):
-                problems.append(f"origin of {k!r} differs from {ref!r}")
-        if problems:
-            files = "; ".join(
-                f"{k}: {source_name(d[k])} shape={geo[k]['shape']} spacing={np.round(geo[k]['spacing'], 4).tolist()}"
-                for k in keys
-            )
-            raise ValueError(f"modalities are not co-registered: {'; '.join(problems)}. Files: {files}")
+        check_coregistered(
+            {k: describe_geometry(d[k]) for k in keys},
+            {k: source_name(d[k]) for k in keys},
+            self.spacing_tol,
+            self.direction_tol,
+            self.origin_tol,
+        )
         return d

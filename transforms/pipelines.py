@@ -35,16 +35,11 @@ from transforms.slices import RandAxialSliced
 from transforms.utility import CheckedCompose, ReplaceNoned
 
 __all__ = [
-    "BRATS_MODALITIES",
-    "NP_KEYS",
     "brats_slice_pipeline",
     "brats_volume_pipeline",
     "microscopy_pipeline",
     "np_pipeline",
 ]
-
-NP_KEYS = ("np_signal", "vessel", "nuclei")
-BRATS_MODALITIES = ("t1", "t1c", "t2", "flair")
 
 
 def microscopy_pipeline(
@@ -115,25 +110,25 @@ def microscopy_pipeline(
 
 
 def np_pipeline(
-    keys: Sequence[str] = NP_KEYS,
+    keys: Sequence[str],
     source: str = "synthetic",
     keep_rgb: bool = False,
     resize_to: Sequence[int] | int | None = None,
-    allow_constant: bool = False,
+    allow_constant: bool = True,
     **kwargs,
 ) -> Compose:
-    """Pipeline for nanoparticle tiles (``np_signal``, ``vessel``, ``nuclei``).
+    """Pipeline for nanoparticle tiles (the target and condition keys of the bundle's ``common.json``).
 
     Fixed-range normalisation keeps absolute NP intensity comparable between tiles (a per-tile percentile would
     erase the differences in dose the model has to predict).
 
     Args:
-        keys: modality keys.
+        keys: modality keys (no default: the data keys come from the config, ``modalities``).
         source: ``"synthetic"`` (16-bit PNG from :mod:`data_prep.synthetic_np`, range 0..65535) or ``"official"``
             (8-bit RGB JPEG of the official DAMM layout, range 0..255).
         keep_rgb: keep RGB channels (official data only makes sense with it when models are 3-channel).
         resize_to: optional resize (the paper uses 256).
-        allow_constant: accept constant images (e.g. an NP tile without any signal).
+        allow_constant: accept constant images (e.g. an NP tile without any signal; the bundle's setting).
         kwargs: other :func:`microscopy_pipeline` arguments (they override the defaults).
 
     Returns:
@@ -155,7 +150,7 @@ def _pair(v: Sequence[int] | int) -> tuple[int, int]:
 
 
 def brats_volume_pipeline(
-    keys: Sequence[str] = BRATS_MODALITIES,
+    keys: Sequence[str],
     seg_key: str | None = None,
     axcodes: str | None = "RAS",
     pixdim: Sequence[float] | None = None,
@@ -225,7 +220,7 @@ def brats_volume_pipeline(
 
 
 def brats_slice_pipeline(
-    keys: Sequence[str] = BRATS_MODALITIES,
+    keys: Sequence[str],
     seg_key: str | None = None,
     spatial_size: Sequence[int] | int | None = None,
     min_foreground: float = 0.1,

@@ -1,4 +1,8 @@
-"""Ignite/MONAI engines, datasets and handlers for training, sampling and checking DAMM-Diffusion."""
+"""Ignite/MONAI engines, datasets and handlers for training, sampling and checking DAMM-Diffusion.
+
+Checkpoint handlers (``AtomicCheckpointSaver``, ``ResumeFromCheckpoint``) are shared with DRDM: see
+:mod:`ddcore.checkpoints`.
+"""
 
 from __future__ import annotations
 
@@ -10,39 +14,23 @@ from damm.engines.autoencoder_trainer import (
     to_unit_range,
 )
 from damm.engines.diffusion_trainer import LOGGED_KEYS, DAMMDiffusionTrainer, ForwardAll
-from damm.engines.handlers import (
-    AtomicCheckpointSaver,
-    ProgressBar,
-    ResumeFromCheckpoint,
-    check_state_dict,
-    every_n_iterations,
-    is_rank_zero,
-    latest_checkpoint,
-    load_checked_state_dict,
-    scalar_logs,
-)
+from damm.engines.handlers import ProgressBar, every_n_iterations, scalar_logs
 from damm.engines.latent_cache import LatentCacheDataset, has_random_transform
 from damm.engines.synthesis import SynthesisEvaluator, describe_scheduler
 
 __all__ = [
     "LOGGED_KEYS",
-    "AtomicCheckpointSaver",
     "AutoencoderEvaluator",
     "AutoencoderTrainer",
     "DAMMDiffusionTrainer",
     "ForwardAll",
     "LatentCacheDataset",
     "ProgressBar",
-    "ResumeFromCheckpoint",
     "SynthesisEvaluator",
     "build_perceptual_loss",
-    "check_state_dict",
     "describe_scheduler",
     "every_n_iterations",
     "has_random_transform",
-    "is_rank_zero",
-    "latest_checkpoint",
-    "load_checked_state_dict",
     "reconstruction_metrics",
     "scalar_logs",
     "to_unit_range",

@@ -77,8 +77,8 @@ class DAMMDiffusionTrainer(Trainer):
         optimizer: optimiser of the denoiser (AdamW in the paper).
         loss_function: :class:`damm.losses.DAMMLoss`.
         inferer: :class:`damm.inferers.DAMMInferer` (owns the training ``DDPMScheduler``).
-        target_key: the target modality.
-        condition_keys: the condition modalities, anchor first.
+        target_key: the target modality (no default: the data keys come from the config, ``target``).
+        condition_keys: the condition modalities, anchor first (the config's ``conditions``).
         divergence_aware_start_iteration: warm-up length in iterations; afterwards the divergence-aware phase.
         grad_clip_norm: optional gradient-norm clipping (the paper has none).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler): autocast
@@ -100,9 +100,9 @@ class DAMMDiffusionTrainer(Trainer):
         optimizer: torch.optim.Optimizer,
         loss_function: Callable,
         inferer: Any,
-        target_key: str = "np_signal",
-        condition_keys: Sequence[str] = ("vessel", "nuclei"),
-        divergence_aware_start_iteration: int = 0,
+        target_key: str,
+        condition_keys: Sequence[str],
+        divergence_aware_start_iteration: int = 400,
         grad_clip_norm: float | None = None,
         precision: str = "fp32",
         epoch_length: int | None = None,

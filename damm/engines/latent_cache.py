@@ -79,10 +79,10 @@ class LatentCacheDataset(Dataset):
         autoencoders: Mapping[str, nn.Module],
         keys: Sequence[str],
         device: str | torch.device = "cpu",
-        batch_size: int = 32,
+        batch_size: int = 64,
         cache: bool | None = None,
         keep_fields: Sequence[str] = (),
-        progress: bool = False,
+        progress: bool = True,
         precision: str = "fp32",
     ) -> None:
         precision = check_precision(precision, device, setting="precision")

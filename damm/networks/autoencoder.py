@@ -243,10 +243,10 @@ def build_autoencoder(
     spatial_dims: int = 2,
     in_channels: int = 1,
     out_channels: int | None = None,
-    channels: Sequence[int] = (32, 64, 64),
+    channels: Sequence[int] = (16, 32, 32),
     latent_channels: int = 4,
     num_res_blocks: int = 1,
-    norm_num_groups: int = 16,
+    norm_num_groups: int = 8,
     attention_levels: Sequence[bool] | None = None,
     downsample_factor: int | None = None,
     num_embeddings: int = 256,
@@ -256,8 +256,8 @@ def build_autoencoder(
 ) -> LatentAutoencoder:
     """Build one per-modality latent autoencoder.
 
-    The default (``channels=(32, 64, 64)``, 4 latent channels) maps a ``1 x 64 x 64`` tile to a ``4 x 16 x 16``
-    latent (4x downsampling) and is small enough for CPU. The paper's setting is 16x downsampling
+    The default (the bundle's: ``channels=(16, 32, 32)``, 4 latent channels) maps a ``1 x 64 x 64`` tile to a
+    ``4 x 16 x 16`` latent (4x downsampling) and is small enough for CPU. The paper's setting is 16x downsampling
     (``len(channels) == 5``) and 8 latent channels for ``256 x 256`` images.
 
     Args:
@@ -344,8 +344,8 @@ def build_autoencoder(
 def build_discriminator(
     spatial_dims: int = 2,
     in_channels: int = 1,
-    channels: int = 32,
-    num_layers_d: int = 3,
+    channels: int = 16,
+    num_layers_d: int = 2,
     norm: str | tuple = "INSTANCE",
     **kwargs: Any,
 ) -> PatchDiscriminator:

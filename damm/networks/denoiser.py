@@ -65,6 +65,7 @@ PAPER_DENOISER_CONFIG: dict[str, Any] = {
     "num_auxiliary": 1,
     "channels": (64, 128, 256, 512),
     "num_res_blocks": 2,
+    "confidence_source": "uni",
     "norm_num_groups": 32,
     "time_embed_dim": 1024,
     "num_heads": 1,
@@ -78,6 +79,7 @@ DEMO_DENOISER_CONFIG: dict[str, Any] = {
     "num_auxiliary": 1,
     "channels": (32, 32, 64, 64),
     "num_res_blocks": 2,
+    "confidence_source": "uni",
     "norm_num_groups": 8,
     "time_embed_dim": 128,
     "num_heads": 1,
@@ -244,7 +246,8 @@ class DAMMDenoiser(nn.Module):
         channels: U-Net widths ``(c0, c1, ..., cL)``; ``L >= 2``; ``L - 1`` downsamplings.
         num_res_blocks: resnet blocks per encoder level (the decoder has one more per level).
         gamma: DAMMP threshold; a plain attribute that may be changed later.
-        confidence_source: ``"uni"`` (official) or ``"joint"``; see :class:`~damm.networks.fusion.UAFM`.
+        confidence_source: ``"joint"`` (the bundle's default) or ``"uni"`` (official); see
+            :class:`~damm.networks.fusion.UAFM`.
         norm: MMFM normalisation, ``"group"`` (default) or ``"batch"`` (official; batch-dependent).
         branch: ``"damm"`` (gated), ``"uni"`` or ``"multi"``; what ``forward`` returns and ``DAMMOutput.eps``
             holds. A plain attribute that may be changed later.
@@ -263,15 +266,15 @@ class DAMMDenoiser(nn.Module):
         spatial_dims: int = 2,
         latent_channels: int = 4,
         num_auxiliary: int = 1,
-        channels: Sequence[int] = (32, 32, 64, 64),
-        num_res_blocks: int = 2,
+        channels: Sequence[int] = (16, 32, 32, 64),
+        num_res_blocks: int = 1,
         gamma: float = 0.5,
-        confidence_source: str = "uni",
+        confidence_source: str = "joint",
         norm: str = "group",
         branch: str = "damm",
         norm_num_groups: int = 8,
         norm_eps: float = 1e-6,
-        time_embed_dim: int | None = 128,
+        time_embed_dim: int | None = 64,
         num_heads: int = 1,
         se_reduction: int = 16,
     ) -> None:

@@ -2,7 +2,13 @@
 
 ``python -m damm.tasks.impute SUBJECT_DIR [--bundle-root DIR] [--output-dir DIR] [--steps N] [--seed S]``
 
-The subject folder may use any naming scheme of :mod:`data_prep.brats` (BraTS 2021 ``*_t1ce``, BraTS 2023
+The bundle root (``--bundle-root``; default ``$DAMM_BUNDLE_ROOT``, else ``./bundle`` when it exists, else ``.``)
+holds ``models/model.pt`` and ``models/target_intensity.json``, and its ``configs/train.json`` +
+``configs/task_brats.json`` are the configs used (unless ``--config-file`` names others). A trained root without
+``configs/`` (e.g. a run folder) takes the configs of the default bundle root; nothing is looked up relative to
+the installed source tree, so the command works the same from a wheel and from a checkout.
+
+The subject folder may use any naming scheme of :mod:`damm.tasks.brats_files` (BraTS 2021 ``*_t1ce``, BraTS 2023
 ``*-t2f``, plain ``flair.nii.gz``); the result is written under that scheme's file name for the target modality,
 beside the other files (or into ``--output-dir``), as NIfTI on the subject's own voxel grid, with a JSON sidecar
 (``<name>.json``: model checkpoint and hash, sampler, steps, seed, intensity mapping, branch statistics).
@@ -17,15 +23,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CONFIGS", "impute", "main"]
+__all__ = ["BUNDLE_ROOT_ENV", "CONFIG_NAMES", "bundle_config_files", "default_bundle_root", "impute", "main"]
 
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "bundle" / "configs"
-DEFAULT_CONFIGS = (str(_CONFIG_DIR / "train.json"), str(_CONFIG_DIR / "task_brats.json"))
+#: environment variable naming the default bundle root.
+BUNDLE_ROOT_ENV = "DAMM_BUNDLE_ROOT"
+#: the configs merged, in order, from ``<bundle root>/configs``.
+CONFIG_NAMES = ("common.json", "train.json", "task_brats.json")
+
+
+def default_bundle_root() -> Path:
+    """``$DAMM_BUNDLE_ROOT`` when set, else ``./bundle`` when it is a folder, else the working folder.
+
+    Returns:
+        The bundle root.
+    """
+    env = os.environ.get(BUNDLE_ROOT_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path("bundle") if Path("bundle").is_dir() else Path(".")
+
+
+def bundle_config_files(bundle_root: str | Path | None = None) -> tuple[str, ...]:
+    """The task configs (:data:`CONFIG_NAMES`) of a bundle root: ``<bundle_root>/configs``, or, when that lacks
+    them, the default bundle root's (:func:`default_bundle_root`).
+
+    Args:
+        bundle_root: the bundle root (default: :func:`default_bundle_root`).
+
+    Returns:
+        The config paths, in merge order.
+
+    Raises:
+        FileNotFoundError: no searched folder holds every config (the message names ``--bundle-root``,
+            ``$DAMM_BUNDLE_ROOT`` and ``--config-file``).
+    """
+    roots = [Path(bundle_root).expanduser()] if bundle_root is not None else []
+    roots += [r for r in (default_bundle_root(),) if r not in roots]
+    for root in roots:
+        files = [root / "configs" / name for name in CONFIG_NAMES]
+        if all(f.is_file() for f in files):
+            return tuple(str(f) for f in files)
+    searched = ", ".join(str(r / "configs") for r in roots)
+    raise FileNotFoundError(
+        f"bundle configs {list(CONFIG_NAMES)} not found in {searched}; pass --bundle-root DIR (a bundle root whose "
+        f"configs/ holds them), set {BUNDLE_ROOT_ENV}, or name the configs with --config-file"
+    )
 
 
 def _is_synthetic(path: Path) -> bool:
@@ -40,8 +88,8 @@ def _is_synthetic(path: Path) -> bool:
 
 def impute(
     subject_dir: str | Path,
-    bundle_root: str | Path = ".",
-    config_files: Sequence[str | Path] = DEFAULT_CONFIGS,
+    bundle_root: str | Path | None = None,
+    config_files: Sequence[str | Path] | None = None,
     output_dir: str | Path | None = None,
     overwrite: bool = False,
     model_path: str | Path | None = None,
@@ -58,8 +106,9 @@ def impute(
 
     Args:
         subject_dir: the subject's folder.
-        bundle_root: bundle root holding ``models/model.pt`` and ``models/target_intensity.json``.
-        config_files: bundle configs (default: ``train.json`` + ``task_brats.json``), merged in order.
+        bundle_root: bundle root holding ``models/model.pt`` and ``models/target_intensity.json`` (default:
+            :func:`default_bundle_root`).
+        config_files: bundle configs, merged in order (default: :func:`bundle_config_files` of ``bundle_root``).
         output_dir: where to write (default: the subject folder).
         overwrite: replace an existing output file.
         model_path: checkpoint (default: the config's ``model_path``).
@@ -76,16 +125,19 @@ def impute(
         The written NIfTI path.
 
     Raises:
-        FileNotFoundError: missing folder, model or reference.
+        FileNotFoundError: missing folder, configs, model or reference.
         FileExistsError: the output exists and ``overwrite`` is false.
         ValueError: missing source modalities, modalities not co-registered, bad settings.
     """
     from monai.bundle import ConfigParser
 
-    from damm.tasks.brats import check_subject_files, subject_files, synthesise_to_file
-    from data_prep.brats import modality_filename
+    from damm.tasks.brats import synthesise_to_file
+    from damm.tasks.brats_files import check_subject_files, modality_filename, subject_files
 
     info = subject_files(subject_dir)
+    bundle_root = default_bundle_root() if bundle_root is None else Path(bundle_root)
+    if config_files is None:
+        config_files = bundle_config_files(bundle_root)
     parser = ConfigParser()
     parser.read_config([str(c) for c in config_files])
     parser.update({"bundle_root": str(bundle_root), **dict(overrides or {})})
@@ -119,7 +171,7 @@ def impute(
                 f"intensity reference '{reference}' not found (written when the task is trained); pass "
                 "--intensity-range LOWER UPPER"
             )
-    from damm.workflow import load_model
+    from damm.model import load_model
 
     task = parser.get_parsed_content("task#data")
     model = load_model(parser.get_parsed_content("network"), model_path)
@@ -171,8 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("subject_dir", help="subject folder (BraTS 2021, BraTS 2023 or plain file names)")
-    parser.add_argument("--bundle-root", default=".", help="bundle root with models/model.pt")
-    parser.add_argument("--config-file", nargs="+", default=list(DEFAULT_CONFIGS), help="bundle configs, merged")
+    parser.add_argument(
+        "--bundle-root",
+        default=None,
+        help=f"bundle root with models/model.pt and configs/ (default: ${BUNDLE_ROOT_ENV}, else ./bundle, else .)",
+    )
+    parser.add_argument(
+        "--config-file", nargs="+", default=None, help="bundle configs, merged (default: BUNDLE_ROOT/configs/...)"
+    )
     parser.add_argument("--output-dir", default=None, help="output folder (default: the subject folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
     parser.add_argument("--model", default=None, help="checkpoint (default: BUNDLE_ROOT/models/model.pt)")
