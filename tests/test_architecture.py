@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("ddcore", "transforms", "damm", "drdm", "data_prep", "benchmarks")
+ROOMS_SCANNED = (*PROJECT, "label")
 MAX_LINES = 600
 
 
@@ -55,7 +56,7 @@ def _project_imports(path: Path) -> set[str]:
 
 
 def _sources() -> list[Path]:
-    return sorted(p for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py"))
+    return sorted(p for pkg in ROOMS_SCANNED for p in (ROOT / pkg).rglob("*.py"))
 
 
 def test_readme_table_covers_every_package():

@@ -17,9 +17,9 @@ NP folder layout    ``ROOT/<modality folder>/<name>``: ``np/ vessel/        ``RO
                     nuclei/`` or the official ``QD/ CD31/ DAPI/``          ``ROOT/nuclei/tile_00007.png``
 ==================  =====================================================  ======================================
 
-The conventions are restated here rather than imported (the app talks to the project only through the bundle
-configs); they mirror ``damm/tasks/brats_files.py``, ``damm/tasks/microscopy_files.py`` and
-``data_prep/damm_folders.py``. Every failure raises :class:`StudyError`, whose message names the file(s).
+The BraTS schemes come from :mod:`damm.tasks.brats_files` and the NP folder names from
+:mod:`data_prep.damm_folders` (the checkout this app lies in is first on ``sys.path``). Every failure raises
+:class:`StudyError`, whose message names the file(s).
 """
 
 from __future__ import annotations
@@ -30,23 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
+from damm.tasks.brats_files import SCHEMES as BRATS_SCHEMES
+from damm.tasks.brats_files import modality_filename
+from data_prep.damm_folders import LAYOUTS
+from data_prep.damm_folders import MODALITIES as NP_MODALITIES
+
 __all__ = ["NIFTI", "StudyError", "find_modalities", "is_nifti", "split_channels", "stem_and_suffix"]
 
 NIFTI = (".nii.gz", ".nii")
 IMAGE_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
-#: canonical key -> file tag per BraTS naming scheme (``damm/tasks/brats_files.py``)
-BRATS_SCHEMES: dict[str, tuple[str, dict[str, str]]] = {
-    "brats2021": ("_", {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}),
-    "brats2023": ("-", {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}),
-}
-BRATS_PLAIN = ("t1", "t1c", "t2", "flair", "seg")
-
-#: modality key -> folder / channel names that stand for it (``data_prep/damm_folders.py``, ``synthetic_np``)
+#: modality key -> folder / channel names that stand for it: the key itself and its folder in each NP layout of
+#: ``data_prep.damm_folders`` (``np/`` or ``QD/`` for ``np_signal``, ...)
 ALIASES: dict[str, tuple[str, ...]] = {
-    "np_signal": ("np_signal", "np", "QD"),
-    "vessel": ("vessel", "CD31"),
-    "nuclei": ("nuclei", "DAPI"),
+    key: tuple(dict.fromkeys([key, *(layout[key] for layout in LAYOUTS.values())])) for key in NP_MODALITIES
 }
 
 
@@ -89,15 +86,16 @@ def _same_suffix_sibling(folder: Path, stem: str, suffix: str) -> Path | None:
 
 
 def _brats(image: Path, keys: Sequence[str]) -> dict[str, Path] | None:
-    """BraTS 2021 / 2023 / plain siblings of ``image`` (``None`` when its name follows no BraTS scheme)."""
-    stem, suffix = stem_and_suffix(image)
-    for sep, tags in BRATS_SCHEMES.values():
-        for tag in tags.values():
-            if stem.lower().endswith(f"{sep}{tag}"):
-                prefix = stem[: -len(tag) - 1]
-                return {k: image.parent / f"{prefix}{sep}{tags.get(k, k)}{suffix}" for k in keys}
-    if stem.lower() in BRATS_PLAIN:
-        return {k: image.parent / f"{k}{suffix}" for k in keys}
+    """BraTS 2021 / 2023 / plain siblings of ``image`` (``None`` when its name follows no BraTS scheme).
+
+    The schemes are the project's own (:data:`damm.tasks.brats_files.SCHEMES`).
+    """
+    _, suffix = stem_and_suffix(image)
+    for scheme, spec in BRATS_SCHEMES.items():
+        match = spec["regex"].match(image.name)
+        if match:
+            subject = match.groupdict().get("subject") or ""
+            return {k: image.parent / modality_filename(scheme, k, subject, ext=suffix) for k in keys}
     return None
 
 
