@@ -21,18 +21,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.damm_network import _inputs, make_denoiser
 from benchmarks.hardware import matmul_peak_gflops
 from benchmarks.memory import peak_memory_mb
+from benchmarks.official import official
 from benchmarks.timing import figure, time_call
 from damm.losses import DAMMLoss, per_sample_reference_loss
 from damm.networks import DEMO_DENOISER_CONFIG, PAPER_DENOISER_CONFIG, DAMMDenoiser
 from ddcore.device import module_device
 from ddcore.precision import autocast, check_precision
 
-__all__ = ["NAME", "OFFICIAL_STEP_S_BATCH16", "make_train_step", "run", "train_step_flops"]
+__all__ = ["NAME", "make_train_step", "run", "train_step_flops"]
 
 NAME = "damm_training"
 
 #: Official DAMM code, paper configuration, fp32, these 2 cores: seconds per divergence-aware step at batch 16.
-OFFICIAL_STEP_S_BATCH16 = 5.67
 
 
 def make_train_step(
@@ -142,7 +142,8 @@ def run(quick: bool = False) -> list[dict]:
             achieved = flops_per_sample * batch / med / 1e9
             ref: dict[str, Any] = {}
             if label == "paper" and batch == 16:
-                ref = {"reference": OFFICIAL_STEP_S_BATCH16, "reference_label": "official code, fp32, 2 cores"}
+                value, text = official("damm_train_step_s_b16")
+                ref = {"reference": value, "reference_label": text}
             figs.append(
                 figure(f"{label} fp32 b{batch}: divergence-aware step (batched DAMMP)", med, "s", spread, **ref, **p)
             )

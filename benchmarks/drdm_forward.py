@@ -20,6 +20,7 @@ import json
 import torch
 
 from benchmarks.memory import peak_memory_mb
+from benchmarks.official import official
 from benchmarks.timing import figure, time_call
 from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
@@ -58,9 +59,9 @@ def run(quick: bool = False) -> list[dict]:
                 )
                 ref, ref_label = None, None
                 if shape == (128, 128, 128) and t == 79:
-                    ref, ref_label = 5.52, "official DeformDDPM forward, 3D 128^3, t=79, on these 2 cores (issue 9)"
-                if shape == (256, 256) and t == 79:
-                    ref, ref_label = 0.3, "official forward, 2D 256^2, B=8, 1 CPU core (approx.)"
+                    ref, ref_label = official("drdm_forward_3d_128_t79_s")
+                if shape == (256, 256) and t == 79 and batch == 8:
+                    ref, ref_label = official("drdm_forward_2d_256_b8_t79_s")
                 n_cum, n_step = diffusion.step_counts(t)
                 figures.append(
                     figure(
@@ -129,7 +130,7 @@ def _autocast_figures(shape: tuple[int, ...], batch: int, quick: bool, threads: 
     dtypes = sorted({str(t.dtype) for t in (sample.image, sample.step_field, sample.cumulative_field)})
     ref, ref_label = None, None
     if shape == (128, 128, 128):
-        ref, ref_label = 5.52, "official DeformDDPM forward, 3D 128^3, t=79, fp32, on these 2 cores (issue 9)"
+        ref, ref_label = official("drdm_forward_3d_128_t79_s")
     params = {"shape": list(shape), "batch": batch, "t": 79, "method": "binary", "threads": threads}
     note = "the forward process is field composition: an fp32 island, unchanged by the precision setting"
     return [

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.memory import peak_memory_mb
+from benchmarks.official import official
 from benchmarks.timing import figure, time_call
 from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
@@ -34,11 +35,6 @@ __all__ = ["NAME", "run"]
 
 NAME = "drdm_sampling"
 
-REFERENCE_2D_256 = 15.4
-REFERENCE_LABEL = (
-    "official DRDM_augment.py: one 2D 256^2 output = all 80 recovery steps x K=2 passes, fp32, on these 2 cores "
-    "(issue 9)"
-)
 PLOT_SECONDS = {
     "id": "DRDM seconds per augmentation output",
     "xlabel": "outputs generated per call (batched)",
@@ -121,8 +117,8 @@ def _sampling_figures(
                 f"{precision}, {outputs} per call",
                 seconds,
                 "s",
-                reference=REFERENCE_2D_256 if is_ref else None,
-                reference_label=REFERENCE_LABEL if is_ref else None,
+                reference=official("drdm_augment_2d_256_s_per_output")[0] if is_ref else None,
+                reference_label=official("drdm_augment_2d_256_s_per_output")[1] if is_ref else None,
                 shape=list(shape),
                 t_prime=t_prime,
                 start=start,

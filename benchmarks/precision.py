@@ -38,9 +38,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from benchmarks.damm_network import make_denoiser
-from benchmarks.damm_training import OFFICIAL_STEP_S_BATCH16, make_train_step, train_step_flops
+from benchmarks.damm_training import make_train_step, train_step_flops
 from benchmarks.hardware import matmul_peak_gflops
 from benchmarks.memory import peak_memory_mb
+from benchmarks.official import official
 from benchmarks.precision_parity import (
     COMMON_JSON,
     REPO,
@@ -64,8 +65,6 @@ DENOISERS = {"demo": DEMO_DENOISER_CONFIG, "paper": PAPER_DENOISER_CONFIG}
 LATENT_SIZE = 16
 
 #: Official DAMM code, paper configuration, fp32, these 2 cores: seconds to sample one image (DDPM, 1000 steps).
-OFFICIAL_SAMPLE_S = 83.6
-OFFICIAL_LABEL = "official code, paper config, fp32, 2 cores"
 #: Targets of issue 9.
 TARGET_TRAIN_X = 5.0
 TARGET_SAMPLE_X = 50.0
@@ -301,7 +300,8 @@ def _sampling(
                         continue  # used by the targets only
                     ref: dict[str, Any] = {}
                     if label == "paper" and sampler == "ddpm" and batch == 1 and precision == "fp32":
-                        ref = {"reference": OFFICIAL_SAMPLE_S, "reference_label": OFFICIAL_LABEL}
+                        value, text = official("damm_sample_s_per_image")
+                        ref = {"reference": value, "reference_label": text}
                     figs.append(
                         figure(
                             f"{label} {precision} b{batch}: {name.upper()} seconds per image (extrapolated)",
@@ -364,15 +364,15 @@ def _targets(
     batches = sorted({b for _, _, b in train})
     batch = 16 if 16 in batches else batches[-1]
     (prec, cl, _), best = min(((k, v) for k, v in train.items() if k[2] == batch), key=lambda kv: kv[1]["step_s"])
-    speed = (OFFICIAL_STEP_S_BATCH16 / 16) / (best["step_s"] / batch)  # per-sample throughput ratio
+    step_s, step_label = official("damm_train_step_s_b16")
+    speed = (step_s / 16) / (best["step_s"] / batch)  # per-sample throughput ratio
     figs.append(
         figure(
             f"target: {label} training throughput vs official code (best setting, batch {batch})",
             speed,
             "x",
             reference=TARGET_TRAIN_X,
-            reference_label=f"issue 9 target >= {TARGET_TRAIN_X:g}x (official: {OFFICIAL_STEP_S_BATCH16} s per "
-            "divergence-aware step at batch 16, fp32, 2 cores)",
+            reference_label=f"issue 9 target >= {TARGET_TRAIN_X:g}x ({step_label}: {step_s} s)",
             precision=prec,
             config=label,
             channels_last=cl,
@@ -406,7 +406,8 @@ def _targets(
         (prec, _, b), best = min(
             ((k, v) for k, v in sample.items() if k[1] == f"ddim-{steps}"), key=lambda kv: kv[1]["per_image_s"]
         )
-        speed = OFFICIAL_SAMPLE_S / best["per_image_s"]
+        sample_s, sample_label = official("damm_sample_s_per_image")
+        speed = sample_s / best["per_image_s"]
         loss = -deltas[steps]
         figs.append(
             figure(
@@ -415,7 +416,7 @@ def _targets(
                 "x",
                 reference=TARGET_SAMPLE_X,
                 reference_label=f"issue 9 target >= {TARGET_SAMPLE_X:g}x at <= {TARGET_SAMPLE_PSNR_LOSS_DB} dB PSNR "
-                f"loss (official: {OFFICIAL_SAMPLE_S} s per image, DDPM-1000, fp32, 2 cores)",
+                f"loss ({sample_label}: {sample_s} s)",
                 precision=prec,
                 config=label,
                 batch=b,

@@ -116,6 +116,15 @@ def write_report(results_dir: Path, report_path: Path) -> Path:
             f"Python {env.get('python')}; commit {env.get('git_commit')}; {env.get('date')}.",
             "",
         ]
+        peaks = env.get("matmul_peak_gflops") or {}
+        if peaks:
+            units = ", ".join(env.get("cpu_bf16_units") or []) or "none advertised"
+            lines += [
+                f"Measured matmul peaks (1024², at the start of the run): fp32 {peaks.get('fp32')} GFLOP/s, "
+                f"bf16 {peaks.get('bf16')} GFLOP/s; bf16 units: {units}. Ratios against the official code use a "
+                "figure measured on a machine of the same kind (`benchmarks/official.py`), or say that they do not.",
+                "",
+            ]
         if len(envs) > 1:
             lines += ["**Warning:** the records come from different machines; compare with care.", ""]
 

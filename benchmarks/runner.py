@@ -66,6 +66,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def _bf16_units() -> list[str]:
+    """The bf16 matrix / vector features this CPU advertises (``amx_bf16``, ``avx512_bf16``), if any."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted({f for f in flags if f in ("amx_bf16", "amx_tile", "avx512_bf16")})
+
+
 def environment() -> dict[str, Any]:
     """Describe the machine and library versions the figures were measured with.
 
@@ -76,18 +86,18 @@ def environment() -> dict[str, Any]:
     import numpy
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from benchmarks.hardware import matmul_peak_gflops
+    from benchmarks.official import cpu_model
+
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "cpu_bf16_units": _bf16_units(),
+        "matmul_peak_gflops": {
+            "fp32": round(matmul_peak_gflops(torch.float32, n=1024, repeat=3), 1),
+            "bf16": round(matmul_peak_gflops(torch.bfloat16, n=1024, repeat=3), 1),
+        },
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

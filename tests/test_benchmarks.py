@@ -96,3 +96,29 @@ def test_quick_run_of_every_benchmark_has_no_error(tmp_path):
     )
     errors = {p.stem: json.loads(p.read_text()).get("error") for p in out.glob("*.json")}
     assert proc.returncode == 0 and not any(errors.values()), (proc.stderr[-3000:], errors)
+
+
+def test_official_reference_prefers_the_same_machine_and_says_when_it_cannot():
+    from benchmarks.official import OFFICIAL, official
+
+    value, label = official("damm_train_step_s_b16", cpu="AMD EPYC 7B13")
+    assert value == 5.67 and "AMD EPYC" in label and "not comparable" not in label
+    value, label = official("damm_train_step_s_b16", cpu="Intel(R) Xeon(R) Platinum 8481C")
+    assert value == 5.20 and "AMX" in label and "not comparable" not in label
+    value, label = official("drdm_forward_2d_256_b8_t79_s", cpu="AMD EPYC 7B13")  # measured on the Xeon only
+    assert value == 0.070 and label.endswith("measured on another machine: ratio not comparable")
+    value, label = official("damm_params_used", cpu="anything")  # machine-independent
+    assert value == 111_457_617 and "not comparable" not in label
+    with pytest.raises(KeyError, match="no official reference"):
+        official("nope")
+    for key, refs in OFFICIAL.items():
+        timed = [r for r in refs if r.unit == "s"]
+        assert all(r.machine and r.date and r.cpu_match for r in timed), key  # every timing names its machine
+
+
+def test_records_name_the_cpu_and_its_measured_peaks():
+    from benchmarks.runner import environment
+
+    env = environment()
+    assert env["cpu"] and isinstance(env["cpu_bf16_units"], list)
+    assert env["matmul_peak_gflops"]["fp32"] > 0 and env["matmul_peak_gflops"]["bf16"] > 0
