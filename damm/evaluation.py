@@ -22,7 +22,7 @@ from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 
 from damm.engines.autoencoder_trainer import to_unit_range
 from damm.inferers import DAMMInferer
-from ddcore.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ddcore.atomic import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from ddcore.device import is_rank_zero
 from ddcore.precision import autocast
 
@@ -415,6 +415,7 @@ def run_evaluation(
     if model_path is not None:
         load_model(model, model_path)
     keys = [model.target, *model.conditions]
+    remove_stale_temporaries(output_dir)  # a killed evaluation's half-written report or montage
     t0 = time.perf_counter()
     images, info = load_items(items, transform, keys)
     results, predictions = evaluate_model(

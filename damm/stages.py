@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from damm.distributed import barrier, rank_zero_info
+from ddcore.atomic import remove_stale_temporaries
 from ddcore.device import is_rank_zero
 
 __all__ = ["TrainingStage"]
@@ -85,6 +86,8 @@ class TrainingStage:
         if self.retrain and self.checkpoint_dir is not None and self.checkpoint_dir.is_dir() and is_rank_zero():
             shutil.rmtree(self.checkpoint_dir)
             rank_zero_info(logger, f"{self.name}: retraining from scratch (removed {self.checkpoint_dir})")
+        if is_rank_zero():  # a killed export's half-written final model
+            remove_stale_temporaries(self.final_path.parent, self.final_path.stem)
         barrier()
         for step in self.prepare:
             step()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep._common import add_split_args, check_image_files, default_datalist_path, image_files
+from data_prep._common import add_split_args, check_image_files, check_same_shapes, default_datalist_path, image_files
 from ddcore.datalist import SPLITS, assign_splits, relative_to, write_datalist
 
 __all__ = ["LAYOUTS", "MODALITIES", "convert", "detect_layout", "main"]
@@ -105,7 +105,8 @@ def convert(
         seed: split seed.
         group_regex: regular expression applied to the file stem; its first group (or whole match) is the split
             unit. Every stem must match.
-        check: image check before writing: ``"none"``, ``"header"`` or ``"full"`` (decode all pixels).
+        check: image check before writing: ``"none"``, ``"header"`` (readable, real, the channels of each item of
+            one size) or ``"full"`` (also decode every pixel: finite, real values).
 
     Returns:
         The datalist path.
@@ -113,7 +114,7 @@ def convert(
     Raises:
         FileNotFoundError: missing root.
         ValueError: unknown/incomplete layout, unpaired or duplicated names (all listed), empty folders,
-            unreadable images, a stem not matching ``group_regex``.
+            unreadable images, bad content, channels of different sizes, a stem not matching ``group_regex``.
     """
     root = Path(root)
     layout = detect_layout(root) if layout == "auto" else layout
@@ -137,7 +138,8 @@ def convert(
     if problems:
         raise ValueError(f"{root}: image names do not match across folders: " + "; ".join(problems))
     stems_sorted = sorted(stems)
-    check_image_files([files[k][s] for s in stems_sorted for k in folders], level=check)
+    shapes = check_image_files([files[k][s] for s in stems_sorted for k in folders], level=check)
+    check_same_shapes({s: {folders[k]: files[k][s] for k in folders} for s in stems_sorted}, shapes)
     if group_regex:
         pattern = re.compile(group_regex)
         groups = {}

@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from PIL import Image
 from damm.tasks.microscopy_files import DEFAULT_PATTERN, find_fields, tile_positions
 from data_prep._common import add_split_args
 from ddcore.atomic import atomic_folder
+from ddcore.content import check_finite
 from ddcore.datalist import SPLITS, assign_splits, read_datalist, write_datalist
 from transforms.checks import check_coregistered, geometry_from_affine
 
@@ -56,8 +58,7 @@ def _read(path: Path) -> np.ndarray:
     rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
     if arr.ndim != 2 and not rgb:
         raise ValueError(f"{path}: expected a 2D single-channel (or RGB) image, got an array of shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise ValueError(f"{path}: contains NaN or Inf values; expected finite intensities")
+    check_finite(arr, "image", str(path))  # NaN / Inf / complex values
     return arr
 
 
@@ -82,6 +83,7 @@ def convert(
     val_fields: Sequence[str] = (),
     test_fields: Sequence[str] = (),
     min_std: float = 0.0,
+    split_unit: str = "field",
 ) -> Path:
     """Tile every field and write tiles plus a datalist (atomically: nothing is left behind on error).
 
@@ -99,6 +101,10 @@ def convert(
         val_fields: fields forced into validation.
         test_fields: fields forced into test.
         min_std: skip tiles whose first channel has a standard deviation below this (empty background).
+        split_unit: ``"field"`` (default: tiles of one field share a split) or ``"tile"`` (tiles are split at
+            random, for data with too few fields for three splits; neighbouring tiles are correlated, and overlap
+            when ``stride < tile_size``, so validation and test figures are optimistic). A split left empty
+            although its fraction is positive is reported with a ``UserWarning`` naming what to pass.
 
     Returns:
         Path of ``OUT/datalist.json``.
@@ -109,6 +115,10 @@ def convert(
             the tile, unknown explicit fields, bad sizes.
         FileExistsError: ``out_dir`` holds something else.
     """
+    if split_unit not in ("field", "tile"):
+        raise ValueError(f"split_unit must be 'field' or 'tile', got {split_unit!r}")
+    if split_unit == "tile" and (val_fields or test_fields):
+        raise ValueError("--val-fields / --test-fields assign fields; they cannot be combined with --split-unit tile")
     if tile_size < 1 or (stride is not None and stride < 1):
         raise ValueError(f"tile_size and stride must be positive, got {tile_size}, {stride}")
     stride = stride or tile_size
@@ -146,9 +156,24 @@ def convert(
         if h < tile_size or w < tile_size:
             raise ValueError(f"field {field!r} ({h}x{w}) is smaller than the tile size {tile_size}")
         images[field] = arrays
-    free = [f for f in fields if f not in forced]
-    split_of = dict(assign_splits(free, val_fraction, test_fraction, seed)) if free else {}
-    split_of.update(forced)
+    tiles = []  # (field, y, x, tile id)
+    for field, arrays in images.items():
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", field)
+        h, w = arrays[channels[0]].shape[:2]
+        for y in tile_positions(h, tile_size, stride):
+            for x in tile_positions(w, tile_size, stride):
+                if min_std > 0 and arrays[channels[0]][y : y + tile_size, x : x + tile_size].std() < min_std:
+                    continue
+                tiles.append((field, y, x, f"{slug}_y{y:05d}_x{x:05d}"))
+    if split_unit == "tile":
+        split_of_tile = assign_splits([t[3] for t in tiles], val_fraction, test_fraction, seed) if tiles else {}
+        split_of = dict.fromkeys(fields, "training")
+    else:
+        free = [f for f in fields if f not in forced]
+        split_of = dict(assign_splits(free, val_fraction, test_fraction, seed)) if free else {}
+        split_of.update(forced)
+        split_of_tile = {t[3]: split_of[t[0]] for t in tiles}
+    _warn_empty_splits(split_of_tile, len(fields), split_unit, {"validation": val_fraction, "test": test_fraction})
     datalist: dict[str, Any] = {
         "name": Path(root).resolve().name,
         "description": "fluorescence tiles cut by data_prep.microscopy (field-level split)",
@@ -157,33 +182,45 @@ def convert(
         "channels": dict(zip(keys, channels)),
         "tile_size": tile_size,
         "stride": stride,
-        "split_unit": "field",
-        "fields": {s: sorted(f for f in fields if split_of[f] == s) for s in SPLITS},
+        "split_unit": split_unit,
+        "fields": {s: sorted({t[0] for t in tiles if split_of_tile[t[3]] == s}) for s in SPLITS},
         "tensorImageSize": "2D",
         **{s: [] for s in SPLITS},
     }
     with atomic_folder(out_dir, _is_ours) as tmp:
         for key in keys:
             (tmp / key).mkdir()
-        for field, arrays in images.items():
-            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", field)
-            h, w = arrays[channels[0]].shape[:2]
-            for y in tile_positions(h, tile_size, stride):
-                for x in tile_positions(w, tile_size, stride):
-                    if min_std > 0 and arrays[channels[0]][y : y + tile_size, x : x + tile_size].std() < min_std:
-                        continue
-                    tid = f"{slug}_y{y:05d}_x{x:05d}"
-                    item: dict[str, Any] = {"id": tid}
-                    for c, key in zip(channels, keys):
-                        rel = f"{key}/{tid}.tif"
-                        tifffile.imwrite(
-                            tmp / rel, np.ascontiguousarray(arrays[c][y : y + tile_size, x : x + tile_size])
-                        )
-                        item[key] = rel
-                    item.update({"field": field, "y": y, "x": x})
-                    datalist[split_of[field]].append(item)
+        for field, y, x, tid in tiles:
+            arrays = images[field]
+            item: dict[str, Any] = {"id": tid}
+            for c, key in zip(channels, keys):
+                rel = f"{key}/{tid}.tif"
+                tifffile.imwrite(tmp / rel, np.ascontiguousarray(arrays[c][y : y + tile_size, x : x + tile_size]))
+                item[key] = rel
+            item.update({"field": field, "y": y, "x": x})
+            datalist[split_of_tile[tid]].append(item)
         write_datalist(datalist, tmp / "datalist.json")
     return Path(out_dir) / "datalist.json"
+
+
+def _warn_empty_splits(
+    split_of_tile: Mapping[str, str], n_fields: int, split_unit: str, fractions: Mapping[str, float]
+) -> None:
+    empty = [s for s, f in fractions.items() if f > 0 and s not in set(split_of_tile.values())]
+    if not empty:
+        return
+    hint = (
+        "pass --split-unit tile for a tile-level split (optimistic: neighbouring tiles are correlated), or "
+        "assign fields with --val-fields / --test-fields"
+        if split_unit == "field"
+        else "use a smaller --tile-size or larger fractions"
+    )
+    warnings.warn(
+        f"the {' and '.join(empty)} split(s) are empty: {n_fields} field(s) and {len(split_of_tile)} tile(s) are "
+        f"too few for a {split_unit}-level split with these fractions; {hint}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _parse_rename(values: Sequence[str]) -> dict[str, str]:
@@ -224,26 +261,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-fields", nargs="+", default=[], help="fields forced into validation")
     parser.add_argument("--test-fields", nargs="+", default=[], help="fields forced into test")
     parser.add_argument("--min-std", type=float, default=0.0, help="skip tiles whose first channel std is below this")
+    parser.add_argument(
+        "--split-unit",
+        choices=["field", "tile"],
+        default="field",
+        help="split whole fields (default) or single tiles (for too few fields; optimistic figures)",
+    )
     add_split_args(parser, "fields")
     args = parser.parse_args(argv)
     try:
-        path = convert(
-            args.root,
-            args.out,
-            tile_size=args.tile_size,
-            stride=args.stride,
-            channels=args.channels,
-            rename=_parse_rename(args.rename),
-            pattern=args.pattern,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            val_fields=args.val_fields,
-            test_fields=args.test_fields,
-            min_std=args.min_std,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            path = convert(
+                args.root,
+                args.out,
+                tile_size=args.tile_size,
+                stride=args.stride,
+                channels=args.channels,
+                rename=_parse_rename(args.rename),
+                pattern=args.pattern,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                seed=args.seed,
+                val_fields=args.val_fields,
+                test_fields=args.test_fields,
+                min_std=args.min_std,
+                split_unit=args.split_unit,
+            )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"error: {err}\n")
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     data = read_datalist(path)
     print(f"wrote {path}: " + ", ".join(f"{s}={len(data[s])} tiles ({len(data['fields'][s])} fields)" for s in SPLITS))
     return 0

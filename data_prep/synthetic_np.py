@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from ddcore.atomic import atomic_folder, atomic_path
+from ddcore.atomic import atomic_folder, atomic_path, remove_stale_temporaries
 from ddcore.datalist import SPLITS, assign_splits, read_datalist, write_datalist
 
 __all__ = [
@@ -428,6 +428,7 @@ def generate(
     params = _params(n, size, divergent_fraction, seed, val_fraction, test_fraction)
     _check_args(n, size, divergent_fraction, DIVERGENCE_KINDS)
     assign_splits([0], val_fraction, test_fraction)  # validates the fractions early
+    remove_stale_temporaries(out_dir.parent, out_dir.name)  # a killed generation's half-built folders
     with atomic_folder(out_dir, _is_generated) as tmp:
         tiles = simulate(n, size, divergent_fraction, seed)
         ids = [_tile_id(i) for i in range(n)]

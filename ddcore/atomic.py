@@ -62,13 +62,17 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed run left directly in ``folder``.
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files and folders a killed run left directly in ``folder``.
 
-    Only names :func:`is_temporary` recognises are touched; a folder that does not exist is fine.
+    Only names :func:`is_temporary` recognises are touched (files of :func:`atomic_path`, folders of
+    :func:`atomic_folder`); a folder that does not exist is fine. Call it when a run starts, before it writes:
+    a second run writing into the same folder at the same time would lose its temporaries.
 
     Args:
         folder: the output folder of a run.
+        name: only the temporaries of this destination (``.<name>.<hex>.tmp...``, ``name`` without its suffix for
+            files); ``None``: all.
 
     Returns:
         The paths removed.
@@ -78,9 +82,13 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return []
     removed = []
     for entry in folder.iterdir():
-        if is_temporary(entry) and entry.is_file():
+        if not is_temporary(entry) or (name is not None and not entry.name.startswith(f".{name}.")):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
             entry.unlink(missing_ok=True)
-            removed.append(entry)
+        removed.append(entry)
     return removed
 
 

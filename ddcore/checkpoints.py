@@ -16,7 +16,10 @@ readable with ``torch.load(..., weights_only=True)``.
 - :func:`check_state_dict` / :func:`load_checked_state_dict` load weights only after checking every key and shape,
   so a checkpoint from another configuration fails with a message naming the file and the tensors.
 - :class:`ResumeFromCheckpoint` restores a trainer from the newest readable checkpoint with MONAI's
-  :class:`~monai.handlers.CheckpointLoader`.
+  :class:`~monai.handlers.CheckpointLoader`; with a ``seed`` it also attaches
+  :class:`~ddcore.seeding.EpochSeeding`, which makes every epoch's randomness (data order, noise, timesteps,
+  random transforms) a function of ``(seed, stream, epoch)`` only, so a run killed at any moment and resumed
+  from its last epoch checkpoint repeats exactly what the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch import nn
 
 from ddcore.atomic import atomic_torch_save, is_temporary, remove_stale_temporaries
 from ddcore.device import is_rank_zero
+from ddcore.seeding import EpochSeeding
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -413,12 +417,20 @@ class ResumeFromCheckpoint:
     otherwise) and restores all objects of ``load_dict`` (networks, optimisers, the engine's epoch/iteration
     counters) with MONAI's ``CheckpointLoader``.
 
+    Exact resume: checkpoints are written at epoch ends (the position in the epoch is then always its end; a kill
+    mid-epoch repeats that epoch). With ``seed`` set, an :class:`~ddcore.seeding.EpochSeeding` is attached and added to
+    ``load_dict`` under ``rng``, and an engine's ``grad_scaler`` (fp16) under ``grad_scaler``; the saver of the
+    same stage shares the dict, so both are saved with the networks, optimisers and the engine's counters. An
+    older checkpoint lacking such a non-module entry resumes with a warning.
+
     Args:
         checkpoint_dir: folder of the ``AtomicCheckpointSaver``.
         load_dict: objects to restore, same keys as the saver's ``save_dict``.
         file_prefix: the saver's ``file_prefix``.
         enabled: ``False`` disables resuming (always start afresh).
         engine_key: the engine this handler is attached to is restored from this checkpoint entry.
+        seed: the run's seed; attaches :class:`~ddcore.seeding.EpochSeeding` (``None``: no per-epoch seeding).
+        seed_stream: the :class:`~ddcore.seeding.EpochSeeding` stream of this trainer.
     """
 
     def __init__(
@@ -428,8 +440,12 @@ class ResumeFromCheckpoint:
         file_prefix: str = "",
         enabled: bool = True,
         engine_key: str | None = "trainer",
+        seed: int | None = None,
+        seed_stream: int = 0,
     ) -> None:
         self.engine_key = engine_key
+        self.seeding = None if seed is None else EpochSeeding(seed, seed_stream)
+        self._entries: set[str] | None = None
         self.checkpoint_dir = Path(checkpoint_dir)
         self.load_dict = load_dict
         self.file_prefix = file_prefix
@@ -444,6 +460,11 @@ class ResumeFromCheckpoint:
         """
         if self.engine_key is not None:
             self.load_dict[self.engine_key] = engine
+        if self.seeding is not None:
+            self.load_dict["rng"] = self.seeding
+            self.seeding.attach(engine)
+        if getattr(engine, "grad_scaler", None) is not None:
+            self.load_dict["grad_scaler"] = engine.grad_scaler
         engine.add_event_handler(Events.STARTED, self)
 
     def check(self) -> Path | None:
@@ -461,6 +482,7 @@ class ResumeFromCheckpoint:
         if found is None:
             return None
         path, checkpoint = found
+        self._entries = set(checkpoint)
         for name, obj in self.load_dict.items():
             if isinstance(obj, nn.Module):
                 if name not in checkpoint:
@@ -477,6 +499,12 @@ class ResumeFromCheckpoint:
         path = self.check()
         if path is None:
             return
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location="cpu")(engine)
+        absent = [k for k in self.load_dict if self._entries is not None and k not in self._entries]
+        if absent:
+            message = f"checkpoint {path} has no {absent} entries (an older checkpoint); they start afresh"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+        load_dict = {k: v for k, v in self.load_dict.items() if k not in absent}
+        CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location="cpu")(engine)
         self.resumed_from = path
         logger.info(f"resumed from {path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})")

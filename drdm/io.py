@@ -19,6 +19,7 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from nibabel.nifti1 import data_type_codes
 
+from ddcore.content import check_finite, check_real_file
 from ddcore.images import load_image, save_nifti_like
 from drdm.fields import check_field, folding_fraction
 
@@ -42,9 +43,12 @@ def read_volume(path: str | os.PathLike, spatial_dims: int | None = None, name: 
 
     Raises:
         FileNotFoundError: missing file.
-        ValueError: unreadable file, more than one channel or wrong number of spatial dims.
+        ValueError: unreadable file, complex or non-finite values (NaN/Inf), more than one channel or wrong number
+            of spatial dims.
     """
+    check_real_file(path, name)  # before the float cast, which would drop an imaginary part
     volume = load_image(path, name)
+    check_finite(volume, name, str(path))
     while spatial_dims is not None and volume.ndim - 1 > spatial_dims and volume.shape[-1] == 1:
         volume = volume[..., 0]
     spatial = volume.ndim - 1

@@ -26,6 +26,7 @@ from torch import nn
 
 from ddcore.atomic import atomic_write_json
 from ddcore.checkpoints import load_checked_state_dict
+from ddcore.content import check_integer_labels
 from ddcore.datalist import load_volume_datalist
 from ddcore.precision import check_precision
 from drdm.diffusion import DeformationDiffusion
@@ -113,8 +114,7 @@ class _Job:
                         f"item {item['id']}: label {item['label']} has shape {tuple(lab.shape[1:])}, "
                         f"image {item['image']} has {tuple(img.shape[1:])}; they must share the grid."
                     )
-                if not torch.equal(lab.as_tensor(), lab.as_tensor().round()):
-                    raise ValueError(f"item {item['id']}: label {item['label']} is not an integer label map.")
+                check_integer_labels(lab, f"item {item['id']} label", str(item["label"]))
 
     def _prepare(self) -> None:
         if self.checkpoint:

@@ -7,7 +7,7 @@
 # hash of requirements-label.txt and rebuilt only when that file changes, so every checkout on the machine shares it.
 # The project itself is not installed there: the app (label/main.py) imports the checkout it lies in. The core
 # environment is not touched. A fresh build downloads monailabel and its dependencies from PyPI and takes several
-# minutes (about 12 on 2 cores); progress goes to stderr, the venv path to stdout.
+# minutes; progress goes to stderr, the venv path to stdout.
 set -euo pipefail
 trap 'echo "label/setup_env.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -17,12 +17,15 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from ddcore.content import SATURATION_WARN_FRACTION, check_finite, check_integer_labels, warn_saturation
 from transforms.loading import source_name
 
 __all__ = [
     "CheckCoregisteredd",
     "CheckFinited",
+    "CheckIntegerLabelsd",
     "CheckSpatialDimsd",
+    "WarnSaturationd",
     "affine_of",
     "check_coregistered",
     "describe_geometry",
@@ -55,15 +58,74 @@ class CheckFinited(MapTransform):
         """
         d = dict(data)
         for key in self.key_iterator(d):
-            x = torch.as_tensor(d[key])
-            if x.is_floating_point():
-                bad = int((~torch.isfinite(x)).sum())
-                if bad:
-                    n_nan = int(torch.isnan(x).sum())
-                    raise ValueError(
-                        f"modality {key!r} ({source_name(d[key])}): {bad} non-finite values "
-                        f"({n_nan} NaN, {bad - n_nan} Inf); expected finite intensities"
-                    )
+            check_finite(d[key], f"modality {key!r}", source_name(d[key]))
+        return d
+
+
+class CheckIntegerLabelsd(MapTransform):
+    """Raise ``ValueError`` unless a key holds an integer label map (see :func:`ddcore.content.check_integer_labels`).
+
+    Args:
+        keys: label keys (segmentations).
+        max_labels: most distinct labels accepted.
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(self, keys: KeysCollection, max_labels: int = 256, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_labels = int(max_labels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Check the keys; return the item unchanged.
+
+        Args:
+            data: item dict.
+
+        Returns:
+            A shallow copy of ``data``.
+
+        Raises:
+            ValueError: non-integer, negative or non-finite labels.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_integer_labels(d[key], f"label {key!r}", source_name(d[key]), self.max_labels)
+        return d
+
+
+class WarnSaturationd(MapTransform):
+    """Warn when a fixed intensity range clips more than ``max_fraction`` of an image's values.
+
+    Args:
+        keys: keys to check (before the range is applied).
+        value_range: the fixed ``(lower, upper)`` range.
+        max_fraction: fraction of clipped values above which a warning names the key and file (1 %).
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        value_range: Sequence[float],
+        max_fraction: float = SATURATION_WARN_FRACTION,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lower, self.upper = (float(v) for v in value_range)
+        self.max_fraction = float(max_fraction)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Check the keys; return the item unchanged.
+
+        Args:
+            data: item dict.
+
+        Returns:
+            A shallow copy of ``data``.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            warn_saturation(d[key], self.lower, self.upper, f"modality {key!r}", source_name(d[key]), self.max_fraction)
         return d
 
 

@@ -12,6 +12,7 @@ from monai.config import KeysCollection
 from monai.data import ImageReader
 from monai.transforms import LoadImage, MapTransform
 
+from ddcore.content import check_real_file
 from transforms.readers import default_readers
 
 __all__ = ["LoadImageCheckedd", "source_name"]
@@ -73,7 +74,7 @@ class LoadImageCheckedd(MapTransform):
 
         Raises:
             FileNotFoundError: a file does not exist.
-            ValueError: a file cannot be read (unknown format, truncated, corrupt).
+            ValueError: a file cannot be read (unknown format, truncated, corrupt) or stores complex values.
         """
         d = dict(data)
         keys = list(self.key_iterator(d))
@@ -85,6 +86,7 @@ class LoadImageCheckedd(MapTransform):
             value = d[key]
             if not isinstance(value, (str, os.PathLike)):
                 continue  # already loaded
+            check_real_file(value, f"modality {key!r}")  # the float cast below would drop an imaginary part
             try:
                 d[key] = self.loader(value)
             except Exception as err:

@@ -26,7 +26,13 @@ from monai.transforms import (
     ThresholdIntensityd,
 )
 
-from transforms.checks import CheckCoregisteredd, CheckFinited, CheckSpatialDimsd
+from transforms.checks import (
+    CheckCoregisteredd,
+    CheckFinited,
+    CheckIntegerLabelsd,
+    CheckSpatialDimsd,
+    WarnSaturationd,
+)
 from transforms.color import PseudoColorToChanneld
 from transforms.intensity import RobustNormalised
 from transforms.loading import LoadImageCheckedd
@@ -99,6 +105,8 @@ def microscopy_pipeline(
         steps.append(
             RandSpatialCropd(keys, roi_size=size, random_size=False) if random_crop else CenterSpatialCropd(keys, size)
         )
+    if intensity == "fixed" and value_range is not None:
+        steps.append(WarnSaturationd(keys, value_range))
     steps += [
         RobustNormalised(
             keys, mode=intensity, lower=lower, upper=upper, value_range=value_range, allow_constant=allow_constant
@@ -193,6 +201,7 @@ def brats_volume_pipeline(
     steps: list = [LoadImageCheckedd(all_keys)] if load else []
     steps += [
         CheckFinited(all_keys),
+        *([CheckIntegerLabelsd(seg_key)] if seg_key else []),
         CheckSpatialDimsd(all_keys, spatial_dims=3),
         CheckCoregisteredd(all_keys, spacing_tol=coregistration_tol, direction_tol=coregistration_tol),
     ]

@@ -6,15 +6,25 @@ Checkpoint saving, discovery, checked loading and resuming are shared with DRDM 
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from ddcore.device import is_rank_zero
 
-__all__ = ["ProgressBar", "every_n_iterations", "scalar_logs"]
+__all__ = ["ProgressBar", "TrackingOutputs", "every_n_iterations", "log_evaluation_mlflow", "scalar_logs"]
+
+logger = logging.getLogger(__name__)
+
+#: when this process imported the module (the configs import it while parsing): an evaluation report older than
+#: this was written by an earlier run and is not logged again by :func:`log_evaluation_mlflow`.
+_PROCESS_START = time.time()
 
 
 def scalar_logs(output: Any) -> dict[str, float]:
@@ -99,3 +109,100 @@ class ProgressBar:
         from ignite.handlers import ProgressBar as _IgniteProgressBar
 
         _IgniteProgressBar(persist=self.persist).attach(engine, output_transform=self._transform)
+
+
+class TrackingOutputs:
+    """Let MONAI's default ``--tracking mlflow`` handler log the DAMM trainers' dict outputs.
+
+    MONAI's default MLflow settings log ``from_engine(['loss'], first=True)(engine.state.output)``, which for a
+    dict output is a one-element tuple that MLflow cannot log (``float() argument must be ... not 'tuple'``).
+    Attached before the tracking handler, this switches every ``MLFlowHandler`` of the engine that still uses
+    MONAI's ``from_engine`` transform to :func:`scalar_logs` when the engine starts (all scalars are logged).
+    ``--tracking bundle/configs/mlflow.json`` needs none of this and also tracks stage 1 and the evaluation.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Register the switch on ``Events.STARTED``.
+
+        Args:
+            engine: a DAMM trainer.
+        """
+        engine.add_event_handler(Events.STARTED, self._switch)
+
+    @staticmethod
+    def _switch(engine: Engine) -> None:
+        from monai.handlers import MLFlowHandler
+
+        for event in (Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED):
+            for func, *_ in engine._event_handlers.get(event, []):
+                handler = getattr(func, "__self__", None)
+                transform = getattr(handler, "output_transform", None)
+                if isinstance(handler, MLFlowHandler) and "from_engine" in getattr(transform, "__qualname__", ""):
+                    handler.output_transform = scalar_logs
+                    logger.info("MLflow tracking: logging every scalar of the trainer output (scalar_logs)")
+
+
+def _numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(_numeric_leaves(value, f"{prefix}/{key}" if prefix else str(key)))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        if tree == tree and abs(tree) != float("inf"):
+            out[prefix] = float(tree)
+    return out
+
+
+def log_evaluation_mlflow(
+    output_dir: str | Path,
+    tracking_uri: str | None,
+    experiment_name: str,
+    run_name: str = "evaluation",
+    params: Mapping[str, Any] | None = None,
+    report: str = "evaluation.json",
+    artifacts: tuple[str, ...] = ("evaluation.json", "evaluation.md", "montage.png"),
+) -> str | None:
+    """Log the evaluation of this run to MLflow: every number of the report, the params, the report files.
+
+    Rank 0 only. Skipped (``None``) when the report does not exist or predates this process (an earlier run's
+    evaluation, e.g. after ``train_autoencoder``).
+
+    Args:
+        output_dir: the folder holding the evaluation report (``eval/``).
+        tracking_uri: MLflow tracking URI.
+        experiment_name: MLflow experiment.
+        run_name: MLflow run name.
+        params: parameters to log.
+        report: the JSON report; its numeric leaves are logged as metrics named by their path
+            (``methods/damm/all/psnr``).
+        artifacts: files of ``output_dir`` logged as artefacts when present.
+
+    Returns:
+        The MLflow run id, or ``None`` when nothing was logged.
+    """
+    if not is_rank_zero():
+        return None
+    path = Path(output_dir) / report
+    if not path.is_file() or path.stat().st_mtime < _PROCESS_START:
+        return None
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name=run_name)
+    run_id = run.info.run_id
+    try:
+        for key, value in (params or {}).items():
+            client.log_param(run_id, key, str(value)[:6000])
+        for key, value in _numeric_leaves(json.loads(path.read_text())).items():
+            client.log_metric(run_id, key, value)
+        for name in artifacts:
+            if (Path(output_dir) / name).is_file():
+                client.log_artifact(run_id, str(Path(output_dir) / name))
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+    logger.info(f"evaluation logged to MLflow run {run_id} ({tracking_uri})")
+    return run_id

@@ -18,6 +18,7 @@ from damm.networks.denoiser import (
     paper_denoiser_config,
     reference_forward_all,
 )
+from damm.networks.export import AutoencoderExport, DenoiserExport
 from damm.networks.fusion import MMFM, UAFM, ModalityGate, SqueezeExcitation
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "MMFM",
     "PAPER_DENOISER_CONFIG",
     "UAFM",
+    "AutoencoderExport",
     "AutoencoderOutput",
     "DAMMDenoiser",
     "DAMMOutput",
+    "DenoiserExport",
     "LatentAutoencoder",
     "ModalityGate",
     "SqueezeExcitation",
