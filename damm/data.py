@@ -5,6 +5,8 @@
   runtime never imports ``data_prep`` itself) when asked and absent.
 - :func:`load_split` / :func:`check_splits`: :func:`ddcore.datalist.load_datalist` for the configured modalities
   (absolute, existing paths), so a wrong datalist fails before anything long starts.
+- :func:`check_batches`: the training split fills at least one batch of every stage (the loaders drop the last
+  partial batch), so a too small dataset fails before stage 1 instead of after it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from damm.distributed import barrier
 from ddcore.datalist import load_datalist
 from ddcore.device import is_rank_zero
 
-__all__ = ["check_splits", "load_split", "resolve_datalist"]
+__all__ = ["check_batches", "check_splits", "load_split", "resolve_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +129,39 @@ def check_splits(datalist: str | Path, keys: Sequence[str], splits: Sequence[str
     counts = {split: len(load_datalist(datalist, split, list(keys))) for split in splits}
     logger.info(f"datalist {datalist}: {counts} items with modalities {list(keys)}")
     return counts
+
+
+def check_batches(
+    datalist: str | Path,
+    keys: Sequence[str],
+    batch_sizes: Mapping[str, int],
+    max_items: int | None = None,
+    split: str = "training",
+) -> int:
+    """Check that ``split`` holds at least one full batch for every batch-size setting.
+
+    Args:
+        datalist: datalist JSON.
+        keys: the configured modalities.
+        batch_sizes: ``{setting name: batch size}``, e.g. ``{"ae_batch_size": 16, "dm_batch_size": 32}``.
+        max_items: the run's item limit for the split (``None``/``0``: all).
+        split: the split the trainers read.
+
+    Returns:
+        The number of items the trainers will see.
+
+    Raises:
+        ValueError: naming the datalist, the split, its size and the settings it cannot fill (the trainers'
+            loaders drop the last partial batch, so such a stage would train zero iterations).
+    """
+    n = len(load_split(datalist, split, keys, max_items))
+    short = {name: int(size) for name, size in batch_sizes.items() if int(size) > n}
+    if short:
+        limit = f" (limited by max_train_items={max_items})" if max_items else ""
+        raise ValueError(
+            f"datalist {datalist}: split {split!r} has {n} item(s){limit}, fewer than "
+            + ", ".join(f"{k}={v}" for k, v in short.items())
+            + "; expected at least one full batch (the last partial batch is dropped): lower the batch size(s) or "
+            "add data"
+        )
+    return n

@@ -24,9 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import nibabel as nib
+import numpy as np
 
 from damm.tasks.brats_files import (
     LABEL_KEY,
@@ -38,6 +42,7 @@ from damm.tasks.brats_files import (
     modality_filename,
 )
 from data_prep._common import add_split_args, default_datalist_path
+from ddcore.content import check_finite, check_integer_labels, check_real_file
 from ddcore.datalist import SPLITS, assign_splits, relative_to, write_datalist
 
 __all__ = [
@@ -52,10 +57,32 @@ __all__ = [
 ]
 
 
-def _check_headers(subject: str, files: dict[str, Path], tol: float) -> None:
-    """Read NIfTI headers; raise if unreadable, not 3D, or not on one grid (origins are not compared)."""
+CHECK_LEVELS = ("none", "header", "full")
+
+
+def _check_headers(subject: str, files: dict[str, Path], tol: float, level: str = "header") -> None:
+    """Read NIfTI headers (and at ``"full"`` every voxel); raise naming the subject and the file.
+
+    Header: unreadable, not 3D, complex dtype, not on one grid (origins are not compared). Full: also truncated
+    data, NaN / Inf voxels, and a segmentation that is not an integer label map.
+    """
     try:
         check_subject_files(files, tol, check_origin=False)
+        for key, path in files.items():
+            check_real_file(path, f"modality {key!r}")
+        if level == "full":
+            for key, path in files.items():
+                try:
+                    data = np.asanyarray(nib.load(str(path)).dataobj)
+                except Exception as err:
+                    raise ValueError(
+                        f"cannot read the voxels of {key!r} file {path} (truncated or corrupt): "
+                        f"{type(err).__name__}: {err}"
+                    ) from err
+                if key == LABEL_KEY:
+                    check_integer_labels(data, f"label {key!r}", str(path))
+                else:
+                    check_finite(data, f"modality {key!r}", str(path))
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"subject {subject!r}: {err}") from err
 
@@ -68,6 +95,7 @@ def convert(
     seed: int = 0,
     check_headers: bool = True,
     tolerance: float = 1e-3,
+    check: str = "full",
 ) -> Path:
     """Write a datalist for a BraTS-style folder with a subject-level split.
 
@@ -77,28 +105,42 @@ def convert(
         val_fraction: fraction of complete subjects for validation.
         test_fraction: fraction of complete subjects for test.
         seed: split seed.
-        check_headers: read every NIfTI header first: unreadable files, non-3D volumes and modalities not on one
-            grid (shape, spacing, orientation within ``tolerance``) are errors naming subject and files.
+        check_headers: ``False`` skips every check (as ``check="none"``).
         tolerance: tolerance for the grid check.
+        check: ``"none"``, ``"header"`` (every NIfTI header: unreadable files, non-3D or complex volumes,
+            modalities not on one grid: shape, spacing, orientation within ``tolerance``) or ``"full"`` (default:
+            also read every voxel: truncated files, NaN / Inf, a non-integer segmentation). Errors name the subject
+            and the file; nothing is written.
+
+    When no subject is complete, the datalist still lists every subject under ``"incomplete"`` (empty splits),
+    the input of ``python -m damm.tasks.impute``; a warning says so.
 
     Returns:
         The datalist path.
 
     Raises:
         FileNotFoundError: missing root.
-        ValueError: no subject, no complete subject, inconsistent naming, failed header checks.
+        ValueError: no subject, inconsistent naming, failed checks, an unknown ``check``.
     """
+    if check not in CHECK_LEVELS:
+        raise ValueError(f"check must be one of {CHECK_LEVELS}, got {check!r}")
+    level = check if check_headers else "none"
     root = Path(root)
     subjects = find_subjects(root)
-    if check_headers:
+    if level != "none":
         for subject, info in subjects.items():
-            _check_headers(subject, info["files"], tolerance)
+            _check_headers(subject, info["files"], tolerance, level)
     complete = sorted(s for s, i in subjects.items() if all(m in i["files"] for m in MODALITIES))
     if not complete:
-        raise ValueError(f"{root}: no subject has all of {list(MODALITIES)}; found {sorted(subjects)}")
+        warnings.warn(
+            f"{root}: no subject has all of {list(MODALITIES)}; all {len(subjects)} are listed as incomplete "
+            "(candidates for python -m damm.tasks.impute); the training/validation/test splits are empty",
+            UserWarning,
+            stacklevel=2,
+        )
     out_path = default_datalist_path(root, datalist)
     base = out_path.resolve().parent
-    split_of = assign_splits(complete, val_fraction, test_fraction, seed)
+    split_of = assign_splits(complete, val_fraction, test_fraction, seed) if complete else {}
     with_seg = [s for s in complete if LABEL_KEY in subjects[s]["files"]]
     data: dict[str, Any] = {
         "name": root.resolve().name,
@@ -132,7 +174,7 @@ def convert(
                 "expected_files": {m: modality_filename(info["scheme"], m, info["file_prefix"]) for m in missing},
             }
         )
-    return write_datalist(data, out_path)
+    return write_datalist(data, out_path, keep_field="incomplete")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,22 +195,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("root", help="folder holding one sub-folder per subject")
     parser.add_argument("--datalist", default=None, help="output JSON (default ROOT/datalist.json)")
-    parser.add_argument("--no-header-check", action="store_true", help="skip reading NIfTI headers")
+    parser.add_argument(
+        "--check",
+        choices=list(CHECK_LEVELS),
+        default="full",
+        help="check headers only, or also every voxel (NaN/Inf, truncated files, integer segmentation)",
+    )
+    parser.add_argument("--no-header-check", action="store_true", help="skip every check (as --check none)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="spacing/orientation tolerance (mm)")
     add_split_args(parser, "subjects")
     args = parser.parse_args(argv)
     try:
-        path = convert(
-            args.root,
-            args.datalist,
-            args.val_fraction,
-            args.test_fraction,
-            args.seed,
-            not args.no_header_check,
-            args.tolerance,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            path = convert(
+                args.root,
+                args.datalist,
+                args.val_fraction,
+                args.test_fraction,
+                args.seed,
+                not args.no_header_check,
+                args.tolerance,
+                check=args.check,
+            )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 

@@ -430,7 +430,7 @@ class ResumeFromCheckpoint:
         enabled: ``False`` disables resuming (always start afresh).
         engine_key: the engine this handler is attached to is restored from this checkpoint entry.
         seed: the run's seed; attaches :class:`~ddcore.seeding.EpochSeeding` (``None``: no per-epoch seeding).
-        seed_stream: the :class:`~ddcore.seeding.EpochSeeding` stream of this trainer.
+        seed_stream: the :class:`~ddcore.seeding.EpochSeeding` stream of this trainer (``None``: 0).
     """
 
     def __init__(
@@ -441,10 +441,10 @@ class ResumeFromCheckpoint:
         enabled: bool = True,
         engine_key: str | None = "trainer",
         seed: int | None = None,
-        seed_stream: int = 0,
+        seed_stream: int | None = None,
     ) -> None:
         self.engine_key = engine_key
-        self.seeding = None if seed is None else EpochSeeding(seed, seed_stream)
+        self.seeding = None if seed is None else EpochSeeding(seed, seed_stream or 0)
         self._entries: set[str] | None = None
         self.checkpoint_dir = Path(checkpoint_dir)
         self.load_dict = load_dict

@@ -200,12 +200,14 @@ def load_volume_datalist(
     return items
 
 
-def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, keep_field: str | None = None) -> Path:
     """Validate the structure of ``datalist`` and write it atomically as JSON.
 
     Args:
         datalist: dict with at least one of ``training``/``validation``/``test`` (lists of item dicts).
         path: destination ``.json`` file.
+        keep_field: another list field that also counts as content (e.g. ``"incomplete"``: a BraTS datalist of
+            subjects that all lack a modality, the input of imputation).
 
     Returns:
         The destination path.
@@ -217,7 +219,7 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path
         items = datalist.get(split, [])
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise ValueError(f"datalist split {split!r} must be a list of dicts")
-    if not any(datalist.get(split) for split in SPLITS):
+    if not any(datalist.get(split) for split in SPLITS) and not (keep_field and datalist.get(keep_field)):
         raise ValueError(f"refusing to write {path}: the datalist has no item in {SPLITS}")
     return atomic_write_json(dict(datalist), path)
 

@@ -105,8 +105,17 @@ def test_metadata_validates_against_vendored_schema(tmp_path):
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(CONFIGS / "meta_schema.json"))
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
-    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "np_signal"}
+    # network_data_format describes network_def itself: [x_t, z_anchor, z_aux] latents + timesteps -> noise
+    common = json.loads((CONFIGS / "common.json").read_text())
+    latent, n_cond = common["ae_latent_channels"], len(common["conditions"])
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == latent * (1 + n_cond)
+    assert fmt["inputs"]["image"]["spatial_shape"] == [64 // 2 ** (len(common["ae_channels"]) - 1)] * 2
+    assert fmt["inputs"]["timesteps"]["type"] == "timesteps" and fmt["inputs"]["timesteps"]["dtype"] == "long"
+    assert fmt["inputs"]["timesteps"]["value_range"] == [0, common["num_train_timesteps"] - 1]
+    assert fmt["outputs"]["pred"]["num_channels"] == latent
+    assert meta["denoiser_export_data_format"]["inputs"]["image"]["num_channels"] == latent * (1 + n_cond) + 1
+    assert meta["autoencoder_data_format"]["inputs"]["image"]["num_channels"] == 1
 
 
 def test_metadata_schema_rejects_missing_keys(tmp_path):

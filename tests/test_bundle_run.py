@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from data_prep.synthetic_np import ensure_dataset
+
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -240,6 +243,9 @@ def test_ddp_overlay_with_two_gloo_processes(tmp_path, tiny_data):
     args = ["--bundle_root", str(root), "--dataset_dir", str(tiny_data)]
     for k, v in TINY.items():
         args += [f"--{k}", json.dumps(v)]
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    if HAS_MLFLOW:  # MLflow tracking under torchrun: one run per stage, written by rank 0 only
+        args += ["--tracking", str(CONFIGS / "mlflow.json"), "--tracking_uri", tracking_uri]
     config = "[" + ",".join(f"'{c}'" for c in [*TRAIN, str(CONFIGS / "multi_gpu_train.json")]) + "]"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", config, "--meta_file", META]
@@ -251,3 +257,15 @@ def test_ddp_overlay_with_two_gloo_processes(tmp_path, tiny_data):
     assert (root / "eval" / "evaluation.json").is_file()
     # rank-0 logging only: one progress/stat line per logged iteration, not two
     assert proc.stdout.count("| damm |") == 1
+    # rank-0 writing only: every TensorBoard event file of a stage comes from one process (rank 1 used to add
+    # empty ones); the file name is events.out.tfevents.<time>.<host>.<pid>.<n>
+    for stage in ("autoencoder", "diffusion"):
+        files = list((root / "eval" / "tensorboard" / stage).glob("events.out.tfevents.*"))
+        assert files and len({f.name.split(".")[-2] for f in files}) == 1, (stage, files)
+    if HAS_MLFLOW:
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name("damm")
+        names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
+        assert names == ["evaluation", "stage1_autoencoder", "stage2_diffusion"]

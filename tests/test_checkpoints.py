@@ -211,3 +211,89 @@ def test_damm_and_drdm_write_the_same_names(tmp_path):
     for config in ("train.json", "drdm_train.json"):
         text = json.dumps(json.loads((CONFIGS / config).read_text()))
         assert '"_target_": "ddcore.checkpoints.AtomicCheckpointSaver"' in text
+
+
+# ---------------------------------------------------------------- exact resume (ddcore.seeding)
+def _noisy_trainer(model: nn.Module, root: Path, seed: int, max_epochs: int, kill_at_epoch: int | None = None):
+    """SGD on a shuffled loader with noise drawn from the global generators: order and noise both matter."""
+    import random
+
+    import numpy as np
+
+    data = [torch.tensor([float(i)]) for i in range(8)]
+    loader = DataLoader(data, batch_size=2, shuffle=True, drop_last=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        noise = torch.randn(1) + float(np.random.rand()) + random.random()
+        loss = ((model(batch.float()) - noise) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if kill_at_epoch is not None and engine.state.epoch == kill_at_epoch and engine.state.iteration % 4 == 3:
+            raise KeyboardInterrupt("killed mid-epoch")  # as a kill: after the previous epoch's checkpoint
+        return float(loss)
+
+    engine = Engine(step)
+    save_dict = {"model": model, "optimizer": opt}
+    ResumeFromCheckpoint(root, save_dict, seed=seed, seed_stream=2).attach(engine)
+    AtomicCheckpointSaver(root, save_dict, save_interval=1, n_saved=1).attach(engine)
+    return engine, loader
+
+
+def test_resume_after_a_mid_epoch_kill_is_bit_identical(tmp_path):
+    """Killed mid-epoch 3 of 4, restarted in a 'new process' (fresh objects, other global RNG state): same weights."""
+    from ddcore.seeding import seed_everything
+
+    seed_everything(0, 2)
+    reference = nn.Linear(1, 1)
+    engine, loader = _noisy_trainer(reference, tmp_path / "a", seed=7, max_epochs=4)
+    engine.run(loader, max_epochs=4)
+
+    seed_everything(0, 2)
+    model = nn.Linear(1, 1)
+    engine, loader = _noisy_trainer(model, tmp_path / "b", seed=7, max_epochs=4, kill_at_epoch=3)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(loader, max_epochs=4)
+    torch.manual_seed(12345)  # the new process starts from another state
+    seed_everything(0, 2)
+    model = nn.Linear(1, 1)
+    engine, loader = _noisy_trainer(model, tmp_path / "b", seed=7, max_epochs=4)
+    engine.run(loader, max_epochs=4)
+    assert engine.state.epoch == 4
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    checkpoint = torch.load(latest_checkpoint(tmp_path / "b"), weights_only=True)
+    assert int(checkpoint["rng"]["seed"]) == 7 and checkpoint["rng"]["torch"].dtype == torch.uint8
+
+
+def test_epoch_seeding_state_round_trip_and_seed_warning():
+    import random
+
+    import numpy as np
+
+    from ddcore.seeding import EpochSeeding, seed_everything
+
+    assert seed_everything(0, 1, 5) == seed_everything(0, 1, 5) != seed_everything(0, 1, 6)
+    seeding = EpochSeeding(3, 1)
+    state = seeding.state_dict()
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    EpochSeeding(3, 1).load_state_dict(state)
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+    with pytest.warns(RuntimeWarning, match="seed 3; the configured seed 4"):
+        EpochSeeding(4, 1).load_state_dict(state)
+
+
+def test_resume_from_a_checkpoint_without_rng_entry_warns(tmp_path):
+    model = nn.Linear(1, 1)
+    engine = _engine(model)
+    AtomicCheckpointSaver(tmp_path, {"model": model}, save_interval=1, n_saved=1).attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    model2 = nn.Linear(1, 1)
+    engine2 = _engine(model2)
+    ResumeFromCheckpoint(tmp_path, {"model": model2}, seed=0).attach(engine2)
+    with pytest.warns(RuntimeWarning, match="no \\['rng'\\] entries"):
+        engine2.run([0, 1], max_epochs=2)
+    assert engine2.state.epoch == 2

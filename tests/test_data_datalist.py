@@ -200,3 +200,20 @@ def test_volume_datalist(tmp_path):
         load_volume_datalist(_write(tmp_path, {"training": [{"label": "img/case_a.nii.gz"}]}, "x.json"))
     with pytest.raises(FileNotFoundError, match="datalist not found"):
         load_volume_datalist(tmp_path / "missing.json")
+
+
+def test_check_batches_names_the_split_size_and_the_settings(tmp_path):
+    import json
+
+    from damm.data import check_batches
+
+    items = []
+    for i in range(3):
+        (tmp_path / f"a{i}.png").write_bytes(b"x")
+        items.append({"id": str(i), "a": f"a{i}.png"})
+    (tmp_path / "d.json").write_text(json.dumps({"training": items}))
+    assert check_batches(tmp_path / "d.json", ["a"], {"ae_batch_size": 3}) == 3
+    with pytest.raises(ValueError, match=r"'training' has 3 item\(s\), fewer than dm_batch_size=4; expected at"):
+        check_batches(tmp_path / "d.json", ["a"], {"ae_batch_size": 2, "dm_batch_size": 4})
+    with pytest.raises(ValueError, match=r"2 item\(s\) \(limited by max_train_items=2\), fewer than ae_batch_size=3"):
+        check_batches(tmp_path / "d.json", ["a"], {"ae_batch_size": 3}, max_items=2)

@@ -80,3 +80,63 @@ def test_atomic_folder_builds_replaces_and_leaves_recognised_temporaries(tmp_pat
     assert any(p.name.endswith(".tmp-old") and (p / "data" / "a.txt").is_file() for p in leftovers)
     assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
     assert not is_temporary(tmp_path / "dataset") and not is_temporary(tmp_path / ".dataset")
+
+
+def test_stale_temporary_folders_and_files_are_removed_by_name(tmp_path):
+    from ddcore.atomic import remove_stale_temporaries
+
+    (tmp_path / ".synthetic_np.0123456789abcdef.tmp").mkdir()
+    (tmp_path / ".synthetic_np.0123456789abcdef.tmp" / "a.png").write_bytes(b"x")
+    (tmp_path / ".montage.0123456789abcdef.tmp.png").write_bytes(b"x")
+    (tmp_path / ".model.fedcba9876543210.tmp.pt").write_bytes(b"x")
+    (tmp_path / "model.pt").write_bytes(b"keep")
+    (tmp_path / ".hidden").write_bytes(b"keep")
+    removed = remove_stale_temporaries(tmp_path, "synthetic_np")
+    assert [p.name for p in removed] == [".synthetic_np.0123456789abcdef.tmp"]
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == [
+        ".model.fedcba9876543210.tmp.pt",
+        ".montage.0123456789abcdef.tmp.png",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "model.pt"]
+
+
+def test_error_line_reports_the_outermost_project_error_of_monai_wrappers():
+    from ddcore.errors import error_line
+
+    def chain():
+        try:
+            try:
+                raise EOFError("Ran out of input")
+            except EOFError as low:
+                raise ValueError("checkpoint /m/c.pt cannot be read:\nEOFError") from low
+        except ValueError as mid:
+            try:
+                raise RuntimeError("applying transform <x>") from mid
+            except RuntimeError as wrap:
+                raise RuntimeError('Failed to evaluate ConfigExpression: \n"$@x.run()"') from wrap
+
+    with pytest.raises(RuntimeError) as err:
+        chain()
+    assert error_line(err.value) == "error: ValueError: checkpoint /m/c.pt cannot be read: | EOFError"
+    assert error_line(KeyError("nuclei")) == "error: KeyError: missing key 'nuclei'"
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_error_hook_prints_one_line_exits_1_and_logs_the_traceback(tmp_path, debug):
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "last_error.log"
+    code = (
+        "from ddcore.errors import install_error_hook\n"
+        f"install_error_hook({str(log)!r})\n"
+        "try:\n    raise ValueError('modality x: bad')\nexcept ValueError as e:\n"
+        "    raise RuntimeError('Failed to evaluate ConfigExpression: $x') from e\n"
+    )
+    env = {**os.environ, "DDCORE_DEBUG": debug}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ValueError: modality x: bad (full traceback in ")
+    assert ("Traceback" in proc.stderr) == bool(debug)
+    assert "Failed to evaluate" in log.read_text()

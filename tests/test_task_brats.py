@@ -270,3 +270,21 @@ def test_write_nifti_like_keeps_qform_sform_and_codes(tmp_path):
     np.testing.assert_allclose(out.affine, src.affine)
     assert out.shape == src.shape and nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
     assert out.get_data_dtype() == np.float32
+
+
+def test_impute_takes_the_preprocessing_from_the_training_record(trained, brats_dir, tmp_path):
+    """Without --set task_pixdim the trained model's record supplies it: same output as the explicit override."""
+    record = json.loads((trained / "models" / "task_preprocessing.json").read_text())
+    assert record["settings"]["task_pixdim"] == [4.0, 4.0, 4.0] and record["settings"]["target"] == "flair"
+    subj = tmp_path / "TCGA-DU-7294"
+    subj.mkdir()
+    for m in ("t1", "t1c", "t2"):
+        shutil.copy(brats_dir / "TCGA-DU-7294" / f"{m}.nii.gz", subj / f"{m}.nii.gz")
+    net_only = [f"{k}={json.dumps(v)}" for k, v in NET.items() if k != "task_pixdim"]
+    explicit = [f"{k}={json.dumps(v)}" for k, v in NET.items()]
+    args = [str(subj), "--bundle-root", str(trained), "--config-file", *CONFIG_FILES, "--steps", "2", "--seed", "1"]
+    assert main([*args, "--output-dir", str(tmp_path / "a"), "--set", *net_only]) == 0
+    assert main([*args, "--output-dir", str(tmp_path / "b"), "--set", *explicit]) == 0
+    a = nib.load(str(tmp_path / "a" / "flair.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "b" / "flair.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(a, b)

@@ -160,3 +160,52 @@ def test_whole_field_inference_writes_input_size_and_dtype(trained, human_dir):
     with pytest.raises(RuntimeError) as err:  # outputs are never silently replaced
         _run(trained, human_dir, "inference")
     assert isinstance(err.value.__cause__, FileExistsError) and "exists" in str(err.value.__cause__)
+
+
+def _untrained_model(root: Path, config_files: list[str], overrides: dict) -> None:
+    """An untrained model.pt of the configured architecture (inference plumbing, not quality, is under test)."""
+    from monai.bundle import ConfigParser
+
+    from damm.model import export_model
+
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    parser.update({"bundle_root": str(root), **overrides})
+    export_model(parser.get_parsed_content("network_def"), root / "models" / "model.pt")
+
+
+def test_standalone_inference_overlay_without_the_target(tmp_path):
+    """inference.json + task_microscopy.json synthesise a whole field that has no target channel."""
+    configs = [str(CONFIGS / n) for n in ("common.json", "inference.json", "task_microscopy.json")]
+    root = tmp_path / "bundle"
+    settings = {k: TINY[k] for k in ("ae_channels", "ae_norm_num_groups", "dm_channels", "dm_time_embed_dim")}
+    settings.update(target="ph3", conditions=["dna", "cellbody"], task_tile_size=32, num_inference_steps=3)
+    _untrained_model(root, configs, settings)
+    (root / "models" / "target_intensity.json").write_text(
+        json.dumps({"modality": "ph3", "lower": 5.0, "upper": 200.0})
+    )
+    field = _field(tmp_path / "plate1", {"dna": (48, 80), "cellbody": (48, 80)})  # no ph3.tif
+    wf = ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        run_id="inference",
+        workflow_type="infer",
+        bundle_root=str(root),
+        dataset_dir=str(field),
+        progress=False,
+        **settings,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    (out,) = (root / "eval" / "inference" / "inference").glob("*_ph3.tif")
+    pred = tifffile.imread(out)
+    assert pred.shape == (48, 80) and pred.dtype == np.uint8
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["intensity_mapping"]["source"].endswith("target_intensity.json")
+    assert side["intensity_mapping"]["lower"] == 5.0 and side["intensity_mapping"]["upper"] == 200.0
+    assert set(side["inputs"]) == {"dna", "cellbody"}
+    with pytest.raises(ValueError, match="no field has all channels"):  # training still needs the target
+        MicroscopyTaskData(field, target="ph3", conditions=["dna", "cellbody"], tile_size=32).items("training")

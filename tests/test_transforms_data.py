@@ -247,3 +247,32 @@ def test_shared_microscopy(shared_data, folder, names):
         centre = raw[(h - 128) // 2 : (h - 128) // 2 + 128, (w - 128) // 2 : (w - 128) // 2 + 128]
         inside = (centre >= p["lower"]) & (centre <= p["upper"])
         np.testing.assert_allclose(back[0].numpy()[inside], centre[inside], atol=1e-3)
+
+
+def test_content_checks_complex_float_labels_and_saturation(tmp_path):
+    """Complex NIfTI is refused before the float cast; float labels; a float TIFF x1e12 warns about clipping."""
+    from transforms.checks import CheckIntegerLabelsd, WarnSaturationd
+    from transforms.loading import LoadImageCheckedd
+
+    path = tmp_path / "c.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 3), np.complex64), np.eye(4)), str(path))
+    with pytest.raises(ValueError, match=r"modality 'x': .*c\.nii\.gz holds complex-valued data \(complex64\)"):
+        LoadImageCheckedd("x")({"x": str(path)})
+    with pytest.raises(ValueError, match=r"not an integer label map: 1 non-integer values \(e\.g\. 0\.5\)"):
+        CheckIntegerLabelsd("seg")({"seg": torch.tensor([[0.0, 1.0, 0.5, 2.0]])})
+    with pytest.raises(ValueError, match="negative label -1"):
+        CheckIntegerLabelsd("seg")({"seg": torch.tensor([[0.0, -1.0]])})
+    CheckIntegerLabelsd("seg")({"seg": torch.tensor([[0.0, 1.0, 2.0, 4.0]])})  # float storage of integers is fine
+    tiff = tmp_path / "big.tif"
+    tifffile.imwrite(tiff, (np.random.default_rng(0).random((16, 16)) * 1e12).astype(np.float32))
+    pipe = np_pipeline(["np_signal"])  # fixed range 0..65535
+    with pytest.warns(RuntimeWarning, match=r"modality 'np_signal' \(.*big\.tif\): 100\.0 % of the values lie outside"):
+        out = pipe({"np_signal": str(tiff)})
+    assert float(out["np_signal"].min()) == 1.0  # everything clipped, as warned
+    ok = {"np_signal": torch.full((1, 10, 10), 100.0)}
+    ok["np_signal"][0, 0, 0] = 70000.0  # 1 % clipped: at the threshold, no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        WarnSaturationd("np_signal", (0, 65535))(ok)

@@ -10,7 +10,8 @@ keeps absolute intensities comparable between images). The parameters are stored
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,31 @@ from monai.utils import TraceKeys
 
 from transforms.loading import source_name
 
-__all__ = ["NORMALISATION_MODES", "NORM_META_KEY", "RobustNormalised", "denormalise", "normalise", "robust_range"]
+__all__ = [
+    "INTENSITY_SOURCES",
+    "NORMALISATION_MODES",
+    "NORM_META_KEY",
+    "CheckIntensityMappingd",
+    "RobustNormalised",
+    "denormalise",
+    "file_dtype",
+    "normalise",
+    "robust_range",
+    "source_mode",
+    "source_range",
+]
 
 NORM_META_KEY = "intensity_normalisation"
 NORMALISATION_MODES = ("percentile", "fixed")
+#: Named input intensity ranges (``intensity_source``): the bundle's synthetic 16-bit tiles, any 16-bit or 8-bit
+#: data, the official DAMM 8-bit JPEGs. ``"dtype"`` (the range of the files' integer dtype) and ``"percentile"``
+#: (per image) are resolved by :func:`source_mode` / :func:`source_range`; a ``[lower, upper]`` pair is used as is.
+INTENSITY_SOURCES = {
+    "synthetic": (0.0, 65535.0),
+    "uint16": (0.0, 65535.0),
+    "official": (0.0, 255.0),
+    "uint8": (0.0, 255.0),
+}
 
 
 def robust_range(
@@ -262,4 +284,177 @@ class RobustNormalised(MapTransform, InvertibleTransform):
             d[key] = denormalise(d[key], xform[TraceKeys.EXTRA_INFO])
             if isinstance(d[key], MetaTensor):
                 d[key].meta.pop(NORM_META_KEY, None)
+        return d
+
+
+def file_dtype(path: str | Path) -> np.dtype | None:
+    """The stored sample dtype of an image file, read from its header (PNG/JPEG via PIL, TIFF via tifffile).
+
+    Args:
+        path: image file.
+
+    Returns:
+        The dtype, or ``None`` for other formats or unreadable headers.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-1:]).lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return np.dtype(tif.pages[0].dtype)
+        if suffix in (".png", ".jpg", ".jpeg", ".bmp"):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                mode = img.mode
+            if mode.startswith("I;16"):
+                return np.dtype(np.uint16)
+            if mode in ("1", "L", "P", "RGB", "RGBA", "LA"):
+                return np.dtype(np.uint8)
+            if mode == "I":
+                return np.dtype(np.int32)
+            if mode == "F":
+                return np.dtype(np.float32)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def source_mode(intensity_source: str | Sequence[float]) -> str:
+    """The :class:`RobustNormalised` mode of an ``intensity_source`` setting.
+
+    Args:
+        intensity_source: a name of :data:`INTENSITY_SOURCES`, ``"dtype"``, ``"percentile"`` or ``[lower, upper]``.
+
+    Returns:
+        ``"percentile"`` or ``"fixed"``.
+    """
+    return "percentile" if intensity_source == "percentile" else "fixed"
+
+
+def source_range(
+    intensity_source: str | Sequence[float], items: Sequence[Mapping[str, Any]] = (), keys: Sequence[str] = ()
+) -> tuple[float, float] | None:
+    """The fixed input range of an ``intensity_source`` setting.
+
+    Args:
+        intensity_source: a name of :data:`INTENSITY_SOURCES`, ``"dtype"`` (the range of the integer dtype of the
+            items' files, which must agree), ``"percentile"`` (no fixed range) or ``[lower, upper]``.
+        items: the datalist items (``"dtype"`` only).
+        keys: the image keys of the items (``"dtype"`` only; default: every string value that is a file).
+
+    Returns:
+        ``(lower, upper)``, or ``None`` for ``"percentile"``.
+
+    Raises:
+        ValueError: an unknown setting, a bad pair, or ``"dtype"`` with float / unknown / mixed file dtypes.
+    """
+    if isinstance(intensity_source, str):
+        if intensity_source == "percentile":
+            return None
+        if intensity_source in INTENSITY_SOURCES:
+            return INTENSITY_SOURCES[intensity_source]
+        if intensity_source != "dtype":
+            names = [*INTENSITY_SOURCES, "dtype", "percentile"]
+            raise ValueError(f"intensity_source must be one of {names} or [lower, upper], got {intensity_source!r}")
+        dtypes = {}
+        for item in items:
+            for key, value in item.items():
+                if (keys and key not in keys) or not isinstance(value, (str, Path)) or not Path(value).is_file():
+                    continue
+                dtypes[str(value)] = file_dtype(value)
+        kinds = {str(d) for d in dtypes.values()}
+        if not dtypes or len(kinds) != 1 or None in dtypes.values():
+            raise ValueError(
+                f"intensity_source='dtype' needs files of one integer dtype, found {sorted(kinds) or 'no file'}; "
+                "set intensity_source to 'uint8', 'uint16', 'percentile' or [lower, upper]"
+            )
+        dtype = next(iter(dtypes.values()))
+        if not np.issubdtype(dtype, np.integer):
+            raise ValueError(
+                f"intensity_source='dtype': the files are {dtype} (no natural range); set intensity_source to "
+                "'percentile' or [lower, upper]"
+            )
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    pair = [float(v) for v in intensity_source]
+    if len(pair) != 2 or pair[1] <= pair[0]:
+        raise ValueError(f"intensity_source=[lower, upper] needs upper > lower, got {list(intensity_source)}")
+    return pair[0], pair[1]
+
+
+class CheckIntensityMappingd(MapTransform):
+    """Refuse an intensity mapping that saturates the inputs (after :class:`RobustNormalised`).
+
+    With a fixed range, an input whose *file dtype* cannot reach more than ``min_span`` of the range (8-bit tiles
+    through the 16-bit range land in ``[-1, -0.992]``) or whose values exceed the range's top (clipped to the
+    output maximum) for more than ``max_clipped`` of the pixels carries no usable signal: the network sees a flat
+    image and silently predicts nonsense. Both raise ``ValueError`` naming the setting to change.
+
+    Args:
+        keys: normalised image keys (``meta['intensity_normalisation']`` and ``meta['filename_or_obj']`` are read).
+        setting: the config setting named in the error (``intensity_source``).
+        min_span: smallest usable share of the output range that the file's dtype may reach.
+        max_clipped: largest share of pixels clipped at the top of the output range (constant images excepted; a
+            dark background at the bottom is not clipping).
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        setting: str = "intensity_source",
+        min_span: float = 0.05,
+        max_clipped: float = 0.1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.setting, self.min_span, self.max_clipped = setting, float(min_span), float(max_clipped)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Check the keys; return the item unchanged.
+
+        Args:
+            data: item dict of normalised images.
+
+        Returns:
+            A shallow copy of ``data``.
+
+        Raises:
+            ValueError: a saturating mapping (names the key, the file, the range and the setting).
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            params = getattr(x, "meta", {}).get(NORM_META_KEY)
+            if not params or params.get("mode") != "fixed":
+                continue
+            lo, hi, out_min, out_max = (float(params[k]) for k in ("lower", "upper", "out_min", "out_max"))
+            where = f"modality {key!r} ({source_name(x)})"
+            hint = (
+                f"set {self.setting} to match the data: 'uint8' (0..255), 'uint16' (0..65535), 'dtype' (the files' "
+                "integer range), 'percentile' (per image) or [lower, upper]"
+            )
+            path = source_name(x)
+            dtype = file_dtype(path) if Path(path).is_file() else None
+            if dtype is not None and np.issubdtype(dtype, np.integer):
+                top = float(np.iinfo(dtype).max)
+                reach = (min(top, hi) - lo) / (hi - lo)
+                if reach < self.min_span:
+                    mapped = out_min + max(reach, 0.0) * (out_max - out_min)
+                    raise ValueError(
+                        f"{where}: the {dtype} file can reach only {100 * max(reach, 0.0):.2f} % of the fixed input "
+                        f"range [{lo:g}, {hi:g}]: every value lands in [{out_min:g}, {mapped:.4f}] and the model "
+                        f"would see a flat image; {hint}"
+                    )
+            t = torch.as_tensor(x).float()
+            if t.numel() and float(t.max() - t.min()) > 0:
+                clipped = float((t >= out_max).float().mean())
+                if clipped > self.max_clipped:
+                    raise ValueError(
+                        f"{where}: {100 * clipped:.1f} % of the pixels are clipped by the fixed input range "
+                        f"[{lo:g}, {hi:g}] (saturated); {hint}"
+                    )
         return d

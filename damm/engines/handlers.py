@@ -6,6 +6,7 @@ Checkpoint saving, discovery, checked loading and resuming are shared with DRDM 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,13 +19,53 @@ from ignite.engine import Engine, Events
 
 from ddcore.device import is_rank_zero
 
-__all__ = ["ProgressBar", "TrackingOutputs", "every_n_iterations", "log_evaluation_mlflow", "scalar_logs"]
+__all__ = [
+    "ProgressBar",
+    "TrackingOutputs",
+    "every_n_iterations",
+    "log_evaluation_mlflow",
+    "register_finalizer",
+    "run_finalizers",
+    "scalar_logs",
+]
 
 logger = logging.getLogger(__name__)
 
 #: when this process imported the module (the configs import it while parsing): an evaluation report older than
 #: this was written by an earlier run and is not logged again by :func:`log_evaluation_mlflow`.
 _PROCESS_START = time.time()
+_FINALIZERS: dict[str, Callable[[], Any]] = {}
+
+
+def register_finalizer(name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """Register ``func(*args, **kwargs)`` to run once at the end of the bundle run (:func:`run_finalizers`).
+
+    The tracking settings (``configs/mlflow.json``) register the evaluation logging this way (through ``_requires_``
+    of their trainer handlers), so it runs from the ``finalize`` id of a single-process run and from
+    ``multi_gpu_train.json``'s ``finalize`` before the process group closes. Registering a name again replaces it.
+
+    Args:
+        name: key of the finalizer.
+        func: the callable.
+        *args: its positional arguments.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        ``name``.
+    """
+    _FINALIZERS[name] = functools.partial(func, *args, **kwargs)
+    return name
+
+
+def run_finalizers() -> list[Any]:
+    """Run (and forget) every registered finalizer, in registration order.
+
+    Returns:
+        Their results.
+    """
+    funcs = list(_FINALIZERS.values())
+    _FINALIZERS.clear()
+    return [f() for f in funcs]
 
 
 def scalar_logs(output: Any) -> dict[str, float]:
@@ -147,9 +188,8 @@ def _numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             out.update(_numeric_leaves(value, f"{prefix}/{key}" if prefix else str(key)))
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        if tree == tree and abs(tree) != float("inf"):
-            out[prefix] = float(tree)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and tree == tree and abs(tree) != float("inf"):
+        out[prefix] = float(tree)
     return out
 
 

@@ -363,7 +363,11 @@ class DAMMDenoiser(nn.Module):
                 f"{self.downsample_factor}"
             )
         b = x.shape[0]
-        t = torch.as_tensor(timesteps, device=x.device)
+        # a tensor stays a tensor (traced as an input by torch.jit.trace, not baked in as a constant)
+        if isinstance(timesteps, torch.Tensor):
+            t = timesteps.to(x.device)
+        else:
+            t = torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
             t = t.reshape(1).expand(b)
         elif t.ndim != 1 or t.shape[0] != b:

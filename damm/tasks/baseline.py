@@ -35,6 +35,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: seconds between two progress lines of :func:`train_baseline` (the other stages show a bar or log per epoch).
+PROGRESS_EVERY_S = 20.0
+
 
 def build_baseline(
     in_channels: int,
@@ -137,7 +140,12 @@ def train_baseline(
     gen = torch.Generator().manual_seed(int(seed))
     bs = min(int(batch_size), x.shape[0])
     it, losses = 0, []
-    t0 = time.perf_counter()
+    t0 = last_log = time.perf_counter()
+    cap = " / ".join(
+        ([f"{int(max_iterations)} iterations"] if max_iterations is not None else [])
+        + ([f"{float(time_budget_s):.0f} s"] if time_budget_s else [])
+    )
+    logger.info(f"UNet baseline: training on {x.shape[0]} items, batch {bs}, until {cap}")
     while True:
         order = torch.randperm(x.shape[0], generator=gen)
         for s in range(0, x.shape[0] - bs + 1, bs):
@@ -149,6 +157,12 @@ def train_baseline(
             opt.step()
             losses.append(float(loss))
             it += 1
+            if time.perf_counter() - last_log >= PROGRESS_EVERY_S:
+                last_log = time.perf_counter()
+                recent = losses[-20:]
+                logger.info(
+                    f"UNet baseline: iteration {it}, {last_log - t0:.0f} s of {cap}, L1 {sum(recent) / len(recent):.4f}"
+                )
             done_it = max_iterations is not None and it >= int(max_iterations)
             done_t = time_budget_s is not None and time_budget_s > 0 and time.perf_counter() - t0 >= time_budget_s
             if done_it or done_t:

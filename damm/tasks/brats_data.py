@@ -25,13 +25,27 @@ from damm.tasks.brats_volume import heldout_mask_input_grid, heldout_slab, pad_t
 from damm.tasks.common import write_intensity_reference
 from damm.tasks.metrics import to_unit
 from damm.tasks.protocol import EvaluationCase, RealDataTask
+from ddcore.atomic import atomic_write_json
+from ddcore.content import check_integer_labels, check_real_file
 from transforms.checks import affine_of
 from transforms.intensity import NORM_META_KEY
 from transforms.slices import foreground_fractions, take_slice
 
-__all__ = ["BraTSTaskData"]
+__all__ = ["BraTSTaskData", "preprocessing_record_path"]
 
 logger = logging.getLogger(__name__)
+
+
+def preprocessing_record_path(reference_path: str | Path) -> Path:
+    """Where the preprocessing record lies: beside the intensity reference (``models/task_preprocessing.json``).
+
+    Args:
+        reference_path: the task's ``reference_path`` (``models/target_intensity.json``).
+
+    Returns:
+        The record's path.
+    """
+    return Path(reference_path).with_name("task_preprocessing.json")
 
 
 class BraTSTaskData(RealDataTask):
@@ -198,7 +212,8 @@ class BraTSTaskData(RealDataTask):
         return "subjects" if len(subjects) > 1 and {"training", "test"} <= splits else "slices"
 
     def check(self) -> dict[str, int]:
-        """Check every subject's files (exist, 3D, co-registered) before training starts.
+        """Check every subject's files (exist, 3D, real-valued, co-registered; the ``seg`` an integer label map)
+        before training starts.
 
         Returns:
             Number of subjects per split.
@@ -210,6 +225,11 @@ class BraTSTaskData(RealDataTask):
         mode = self.resolved_split_mode()
         for name, info in self.subjects().items():
             self.check_inputs(name, {k: info["files"][k] for k in [*self.conditions, self.target]})  # anchor first
+            for key in [*self.conditions, self.target]:
+                check_real_file(info["files"][key], f"subject {name!r}: modality {key!r}")
+            seg = info["files"].get(LABEL_KEY)
+            if seg is not None and Path(seg).is_file():  # tumour metrics read it at the end: check it now
+                check_integer_labels(voxels(seg, LABEL_KEY), f"subject {name!r}: label {LABEL_KEY!r}", str(seg))
             split = "training+test (slice split)" if mode == "slices" else info["split"]
             counts[split] = counts.get(split, 0) + 1
         if mode == "subjects" and not counts.get("training"):
@@ -279,10 +299,31 @@ class BraTSTaskData(RealDataTask):
                         r[k] = pad_to(r[k], size, -1.0)[0]
         if self.reference_path is not None and target_params:
             write_intensity_reference(self.reference_path, self.target, target_params)
+            atomic_write_json(self.preprocessing_record(), preprocessing_record_path(self.reference_path))
         logger.info(
             "BraTS task slices: " + ", ".join(f"{k}={len(v)}" for k, v in slices.items()) + f" of size {list(size)}"
         )
         return slices
+
+    def preprocessing_record(self) -> dict[str, Any]:
+        """The settings a prediction must repeat, as config overrides (read back by ``damm.tasks.impute``).
+
+        Returns:
+            ``{"description", "settings": {"target", "conditions", "task_pixdim", "task_axcodes", "task_lower",
+            "task_upper"}}``.
+        """
+        return {
+            "description": "preprocessing the model was trained with; damm.tasks.impute applies it unless --set "
+            "overrides a key",
+            "settings": {
+                "target": self.target,
+                "conditions": list(self.conditions),
+                "task_pixdim": self.pixdim,
+                "task_axcodes": self.axcodes,
+                "task_lower": self.lower,
+                "task_upper": self.upper,
+            },
+        }
 
     # ------------------------------------------------------------------ 2. prediction and 3. writing
     def check_inputs(self, name: str, files: Mapping[str, Path]) -> None:
@@ -350,7 +391,9 @@ class BraTSTaskData(RealDataTask):
             region = heldout_mask_input_grid(prep.input_brain, prep.grid["affine"], heldout, self.gap_mm)
             regions: dict[str, Any] = {"brain": prep.input_brain & region}
             if LABEL_KEY in files and Path(files[LABEL_KEY]).is_file():
-                tumour = (voxels(files[LABEL_KEY], LABEL_KEY) > 0) & regions["brain"]
+                labels = voxels(files[LABEL_KEY], LABEL_KEY)
+                check_integer_labels(labels, f"label {LABEL_KEY!r}", str(files[LABEL_KEY]))
+                tumour = (labels > 0) & regions["brain"]
                 regions["tumour"] = tumour if tumour.any() else None
             lo, hi = prep.target_params["lower"], prep.target_params["upper"]
             yield EvaluationCase(

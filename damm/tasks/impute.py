@@ -76,6 +76,35 @@ def bundle_config_files(bundle_root: str | Path | None = None) -> tuple[str, ...
     )
 
 
+def _apply_training_record(parser: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply the preprocessing the model was trained with (``models/task_preprocessing.json``, written at
+    training beside the intensity reference) to the config, except keys given in ``overrides``.
+
+    Args:
+        parser: the task's ``ConfigParser`` (``bundle_root`` and ``overrides`` already applied).
+        overrides: the user's ``--set`` entries (they win).
+
+    Returns:
+        The settings applied (empty when the bundle has no record, e.g. trained by an older version).
+
+    Raises:
+        ValueError: the record cannot be read.
+    """
+    from damm.tasks.brats_data import preprocessing_record_path
+
+    path = preprocessing_record_path(parser.get_parsed_content("task_reference_path"))
+    if not path.is_file():
+        return {}
+    try:
+        settings = dict(json.loads(path.read_text(encoding="utf-8"))["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the training record {path}: {type(err).__name__}: {err}") from err
+    applied = {k: v for k, v in settings.items() if k not in overrides}
+    for key, value in applied.items():
+        parser[key] = value
+    return applied
+
+
 def _is_synthetic(path: Path) -> bool:
     name = path.name
     stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
@@ -113,7 +142,9 @@ def impute(
         overwrite: replace an existing output file.
         model_path: checkpoint (default: the config's ``model_path``).
         intensity_range: ``(lower, upper)`` input intensities for ``-1``/``1`` (default: the training reference).
-        overrides: other config entries (e.g. ``{"task_pixdim": [2, 2, 2]}``); must match training.
+        overrides: other config entries (e.g. ``{"task_pixdim": [2, 2, 2]}``). The preprocessing the model was
+            trained with (target, conditions, ``task_pixdim``, ``task_axcodes``, ``task_lower``, ``task_upper``) is
+            read from ``models/task_preprocessing.json`` (written at training) and applied unless given here.
         sampler: ``"ddim"`` or ``"ddpm"`` (default: the config's).
         steps: sampling steps (default: the config's).
         eta: DDIM eta (default: the config's).
@@ -141,6 +172,7 @@ def impute(
     parser = ConfigParser()
     parser.read_config([str(c) for c in config_files])
     parser.update({"bundle_root": str(bundle_root), **dict(overrides or {})})
+    _apply_training_record(parser, dict(overrides or {}))
     target = parser.get_parsed_content("target")
     conditions = list(parser.get_parsed_content("conditions"))
     files = info["files"]

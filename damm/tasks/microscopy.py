@@ -191,12 +191,13 @@ class FieldInference(TaskInference):
         self.overlap, self.sw_batch_size = overlap, sw_batch_size
 
     def jobs(self) -> list[tuple[str, dict[str, Path], Path, dict[str, Any]]]:
-        """Every field of the task, written as ``<field>_<target>.tif`` (``/`` in field ids becomes ``_``).
+        """Every field holding the condition channels (the target is optional), written as ``<field>_<target>.tif``
+        (``/`` in field ids becomes ``_``).
 
         Returns:
             ``[(field, files, output path, {})]``.
         """
         return [
             (name, dict(info["files"]), self.output_dir / f"{name.replace('/', '_')}_{self.task.target}.tif", {})
-            for name, info in self.task.fields().items()
+            for name, info in self.task.inference_fields().items()
         ]

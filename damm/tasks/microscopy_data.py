@@ -233,6 +233,24 @@ class MicroscopyTaskData(RealDataTask):
         self._fields = found
         return found
 
+    def inference_fields(self) -> dict[str, dict[str, Any]]:
+        """Fields holding every condition channel; the target channel is optional (inference needs none).
+
+        Returns:
+            ``{field: {"files": {channel: Path}, "has_target": bool}}``.
+
+        Raises:
+            ValueError: no field has every condition channel.
+        """
+        found = {
+            f: {"files": files, "has_target": self.target in files}
+            for f, files in find_fields(self.dataset_dir, self.pattern).items()
+            if all(k in files for k in self.conditions)
+        }
+        if not found:
+            raise ValueError(f"{self.dataset_dir}: no field has the condition channels {self.conditions}")
+        return found
+
     def units(self) -> dict[str, dict[str, Any]]:
         """The fields (:meth:`fields`)."""
         return self.fields()
@@ -282,6 +300,15 @@ class MicroscopyTaskData(RealDataTask):
             ValueError: bad fields (names the files).
         """
         counts: dict[str, int] = {}
+        fields = self.inference_fields()
+        if not any(info["has_target"] for info in fields.values()):  # inference only: check the conditions
+            for name, info in fields.items():
+                self.check_inputs(name, {k: info["files"][k] for k in self.conditions})
+            logger.info(
+                f"microscopy task: {len(fields)} field(s) without the target {self.target!r}: inference only "
+                f"(from {self.conditions}); training needs fields holding every channel"
+            )
+            return {"inference only": len(fields)}
         for name, info in self.fields().items():
             self.check_inputs(name, {k: info["files"][k] for k in [*self.conditions, self.target]})  # anchor first
             split = info["split"] or "training+test (region split)"
