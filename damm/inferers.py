@@ -6,7 +6,7 @@ lets the denoiser's DAMMP gate pick the uni- or multi-modal noise prediction at 
 and decodes with the target autoencoder. It draws ``K`` samples per input (mean and per-pixel standard deviation),
 is seeded, and also returns the UAFM confidence map and the per-step branch choices.
 
-``network`` is a :class:`damm.workflow.DAMMModel` (the autoencoders of every modality plus the denoiser) or any
+``network`` is a :class:`damm.model.DAMMModel` (the autoencoders of every modality plus the denoiser) or any
 object with the same attributes (``autoencoders``, ``denoiser``, ``target``, ``conditions``), so that
 ``inferer(inputs, network)`` works as MONAI Label calls a bundle inferer.
 

@@ -53,7 +53,7 @@ class SynthesisEvaluator(Evaluator):
         device: device.
         val_data_loader: yields dicts with one ``[B, C, *spatial]`` image per condition modality (MetaTensors
             keep the file names used as reference geometry).
-        network: the composite :class:`damm.workflow.DAMMModel`.
+        network: the composite :class:`damm.model.DAMMModel`.
         inferer: the sampler.
         reference_key: modality whose input file gives the output geometry (default: the anchor condition).
         epoch_length, non_blocking, iteration_update, postprocessing, val_handlers: as for MONAI's evaluators.

@@ -73,7 +73,7 @@ def evaluate_task(
     """Whole-subject evaluation of every method on the held-out data (:func:`damm.tasks.protocol.evaluate`).
 
     Args:
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: :class:`damm.inferers.DAMMInferer`.
         task: the task data.
         output_dir: output folder (``task_evaluation.json``, ``task_evaluation.md``, NIfTI predictions).
@@ -146,7 +146,7 @@ class SubjectInference(TaskInference):
     sidecar; everything is checked first (:meth:`damm.tasks.protocol.TaskInference.run`).
 
     Args:
-        model: the loaded :class:`damm.workflow.DAMMModel`.
+        model: the loaded :class:`damm.model.DAMMModel`.
         inferer: the sampler.
         output_dir: output folder.
         task: the task data (its settings and subjects).

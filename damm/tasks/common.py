@@ -122,7 +122,7 @@ class DAMMPredictor:
     get different (but reproducible) noise. The branch statistics of every call are kept for the sidecar.
 
     Args:
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: the sampler (its branch / steps / K / seed are used).
     """
 
@@ -288,7 +288,7 @@ def evaluation_methods(
     (single sample each) and any extra predictors (e.g. the UNet baseline).
 
     Args:
-        model: the loaded :class:`damm.workflow.DAMMModel`.
+        model: the loaded :class:`damm.model.DAMMModel`.
         inferer: the sampler; copied per branch.
         branches: DAMM branches to evaluate.
         extra_predictors: other methods ``{name: predictor}``.

@@ -67,7 +67,7 @@ def evaluate_task(
     :func:`damm.tasks.protocol.evaluate`.
 
     Args:
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: the sampler.
         task: the task data.
         output_dir: output folder (``task_evaluation.json`` / ``.md`` and TIFF predictions).

@@ -303,7 +303,7 @@ def evaluate(
 
     Args:
         task: the task.
-        model: :class:`damm.workflow.DAMMModel`.
+        model: :class:`damm.model.DAMMModel`.
         inferer: :class:`damm.inferers.DAMMInferer`.
         output_dir: output folder (results and, with ``write_outputs``, each method's prediction).
         model_path: checkpoint to load first (when ``load``) and to record.
@@ -367,7 +367,7 @@ class TaskInference:
     target, it is only used to map intensities back (and never overwritten).
 
     Args:
-        model: the loaded :class:`damm.workflow.DAMMModel`.
+        model: the loaded :class:`damm.model.DAMMModel`.
         inferer: the sampler.
         output_dir: output folder.
         task: the task (its settings and units).
