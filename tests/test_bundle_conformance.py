@@ -32,6 +32,8 @@ from monai.bundle import (
     verify_net_in_out,
 )
 from PIL import Image
+from tiny_bundle import TINY as BASE_TINY
+from tiny_bundle import TINY_NET
 
 from data_prep.synthetic_np import ensure_dataset
 
@@ -43,34 +45,11 @@ BUNDLE = REPO / "bundle"
 #: where this bundle was built, so the vendored file is a reconstruction of its requirements (see its
 #: "description"); replace it with the published file and update this pin when it can be fetched.
 SCHEMA_SHA256 = "a2a4ca00743a00b74ee4963995ec0500016917385ad7d851cbfe72ee72c5d763"
-# tiny networks (same as tests/test_bundle_run.py): 32 px tiles -> 8 px latents, denoiser bottleneck 1 px at 16 px
+# the tiny bundle of tests/tiny_bundle.py, with
 # dm_norm_num_groups 4 (2 channels per group): with one channel per group GroupNorm would cancel the timestep's
 # per-channel shift, and the export test could not tell a traced-in constant timestep from a real input
-NET = {
-    "ae_channels": [8, 8, 8],
-    "ae_norm_num_groups": 8,
-    "dm_channels": [8, 8, 8, 8],
-    "dm_norm_num_groups": 4,
-    "dm_time_embed_dim": 16,
-}
-TINY = {
-    **NET,
-    "synthetic_args": {"n": 24, "size": 32, "divergent_fraction": 0.3, "seed": 0},
-    "ae_epochs": 1,
-    "ae_batch_size": 4,
-    "ae_adversarial_start_iteration": 0,
-    "ae_disc_layers": 2,
-    "ae_val_interval": 1,
-    "dm_epochs": 2,
-    "dm_batch_size": 4,
-    "dm_divergence_aware_start_iteration": 3,
-    "num_inference_steps": 3,
-    "eval_num_samples": 2,
-    "eval_ddpm_items": 0,
-    "eval_batch_size": 8,
-    "progress": False,
-    "log_every": 1,
-}
+NET = {**TINY_NET, "dm_norm_num_groups": 4}
+TINY = {**BASE_TINY, **NET}
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 
 

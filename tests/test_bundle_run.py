@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
+from tiny_bundle import TINY, TINY_NET
 
 from data_prep.synthetic_np import ensure_dataset
 
@@ -30,31 +31,7 @@ INFER = [COMMON, str(CONFIGS / "inference.json")]
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 
-# tiny networks: 32 px tiles -> 8 px latents (4x), denoiser bottleneck 2 px
-NET = {
-    "ae_channels": [8, 8, 8],
-    "ae_norm_num_groups": 8,
-    "dm_channels": [8, 8, 8, 8],
-    "dm_time_embed_dim": 16,
-}
-TINY = {
-    **NET,
-    "synthetic_args": {"n": 24, "size": 32, "divergent_fraction": 0.3, "seed": 0},
-    "ae_epochs": 1,
-    "ae_batch_size": 4,
-    "ae_adversarial_start_iteration": 0,
-    "ae_disc_layers": 2,
-    "ae_val_interval": 1,
-    "dm_epochs": 2,
-    "dm_batch_size": 4,
-    "dm_divergence_aware_start_iteration": 3,
-    "num_inference_steps": 3,
-    "eval_num_samples": 2,
-    "eval_ddpm_items": 0,
-    "eval_batch_size": 8,
-    "progress": False,
-    "log_every": 1,
-}
+NET = TINY_NET
 
 
 def _overrides(root: Path, data: Path, **extra) -> dict:

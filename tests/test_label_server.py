@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from tiny_bundle import TINY_NET, TINY_STAGES
 
 pytestmark = [pytest.mark.label_server, pytest.mark.slow]
 
@@ -42,22 +43,8 @@ META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 HOST = "127.0.0.1"
 
-DAMM_NET = {"ae_channels": [8, 8, 8], "ae_norm_num_groups": 8, "dm_channels": [8, 8, 8, 8], "dm_time_embed_dim": 16}
-DAMM_TRAIN = {
-    "ae_epochs": 1,
-    "ae_batch_size": 4,
-    "ae_adversarial_start_iteration": 0,
-    "ae_disc_layers": 2,
-    "ae_val_interval": 1,
-    "dm_epochs": 2,
-    "dm_batch_size": 4,
-    "dm_divergence_aware_start_iteration": 3,
-    "num_inference_steps": 3,
-    "eval_num_samples": 1,
-    "eval_ddpm_items": 0,
-    "eval_batch_size": 8,
-    "progress": False,
-}
+DAMM_NET = TINY_NET
+DAMM_TRAIN = {**TINY_STAGES, "eval_num_samples": 1}
 BRATS_TRAIN = {
     **DAMM_TRAIN,
     "ae_batch_size": 8,

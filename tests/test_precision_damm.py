@@ -11,6 +11,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader
 from monai.networks.schedulers import DDPMScheduler
+from tiny_bundle import TINY as BASE_TINY
+from tiny_bundle import TINY_NET
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -35,27 +37,16 @@ INFER = [COMMON, str(CONFIGS / "inference.json")]
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 # the tiny bundle of tests/test_bundle_run.py, smaller still: 32 px tiles -> 8 px latents, few items and steps
-NET = {"ae_channels": [8, 8, 8], "ae_norm_num_groups": 8, "dm_channels": [8, 8, 8, 8], "dm_time_embed_dim": 16}
+NET = TINY_NET
 TINY = {
-    **NET,
-    "synthetic_args": {"n": 24, "size": 32, "divergent_fraction": 0.3, "seed": 0},
+    **BASE_TINY,
     "max_train_items": 8,
     "max_val_items": 2,
     "max_test_items": 4,
-    "ae_epochs": 1,
-    "ae_batch_size": 4,
-    "ae_adversarial_start_iteration": 0,
-    "ae_disc_layers": 2,
-    "ae_val_interval": 1,
     "dm_epochs": 1,
-    "dm_batch_size": 4,
     "dm_divergence_aware_start_iteration": 1,
     "num_inference_steps": 2,
     "eval_num_samples": 0,
-    "eval_ddpm_items": 0,
-    "eval_batch_size": 8,
-    "progress": False,
-    "log_every": 1,
 }
 
 
