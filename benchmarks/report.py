@@ -87,6 +87,22 @@ def _plot(plot_id: str, points: list[dict[str, Any]], out_png: Path) -> None:
     plt.close(fig)
 
 
+def _budget_curve_point(fig: dict[str, Any]) -> dict[str, Any] | None:
+    """A quality-against-iterations point of a task benchmark (figures with ``budget_fraction``): one plot per
+    direction and metric, one series per method."""
+    params = fig.get("params", {})
+    if "budget_fraction" not in params or params.get("metric") not in ("psnr", "ssim"):
+        return None
+    metric = params["metric"].upper()
+    return {
+        "id": f"{params.get('direction')}: {metric} against the iteration budget",
+        "series": params.get("method"),
+        "x": 100.0 * float(params["budget_fraction"]),
+        "xlabel": "% of the iteration budget (every stage)",
+        "ylabel": f"{metric} ({params.get('region')})",
+    }
+
+
 def write_report(results_dir: Path, report_path: Path) -> Path:
     """Regenerate the markdown report (and its plots) from the stored records.
 
@@ -162,7 +178,7 @@ def write_report(results_dir: Path, report_path: Path) -> Path:
                 lines.append(
                     f"| {f['name']} | {_fmt(f['value'])} | {_fmt(f.get('spread'))} | {f['unit']} | {_params(f)} |"
                 )
-                plot = f.get("params", {}).get("plot")
+                plot = f.get("params", {}).get("plot") or _budget_curve_point(f)
                 if plot:
                     plots[plot["id"]].append({**plot, "value": f["value"], "unit": f["unit"]})
             lines.append("")

@@ -1,14 +1,17 @@
-"""Real-task results: BraTS FLAIR synthesis from T2 (anchor), T1 and T1c on held-out slices of the shared subject.
+"""Cross-subject BraTS FLAIR synthesis from T2 (anchor), T1 and T1c: train on one patient, evaluate the other.
 
-Trains the task bundle (``train.json`` + ``task_brats.json``) within a wall-clock budget (autoencoders, then
-diffusion), trains the MONAI ``UNet`` L1 baseline with the *same total budget* on the same slices, and evaluates
-every method by whole-subject inference on the input grid: brain-masked PSNR / SSIM / MAE on the held-out slab
-of axial slices (and inside the tumour label), beside the target autoencoder's reconstruction (the ceiling).
+The shared data holds two different patients: a glioma (``brats/TCGA-DU-7294``, LPS, with a tumour label) and a
+metastasis (``brats_validation/AURORA-example``, RAS). Each direction trains the task bundle (``train.json`` +
+``task_brats.json``) on one subject's axial slices (autoencoders, diffusion, the MONAI ``UNet`` baseline, the
+trivial baselines) for fixed iteration counts and evaluates the whole brain of the other subject on its input grid
+(brain-masked PSNR / SSIM / MAE, and the tumour when labelled): DAMM gated, uni, multi and the mean of 4 samples,
+the UNet, each source modality mapped linearly and by histogram, and the target autoencoder's reconstruction
+(the ceiling). The protocol and the curve: :mod:`benchmarks.task_protocol`.
 
-Budget (full run, CPU, one thread of the shared 2-core machine): autoencoders 3 min + diffusion 3 min = 6 min for
-DAMM-Diffusion, 6 min for the UNet; 2 mm voxels, DDIM 50 steps. ``quick=True``: 4 mm, tiny networks, under a
-minute. ``TASK_BENCH_KEEP=DIR`` keeps the trained bundle and the predictions. Run alone with
-``python -m benchmarks.task_brats [--quick]``.
+Full run: 2 mm voxels (the CPU setting; the resampling to 2 mm and back alone limits the brain PSNR on the 1 mm
+input grid, which the ``true FLAIR resampled to 2 mm and back`` figures measure), both directions in parallel, one
+thread each. ``quick=True``: one direction, 4 mm, tiny networks, a few iterations. Run alone with
+``python -m benchmarks.task_brats [--quick]``; ``TASK_BENCH_KEEP=DIR`` keeps the trained bundles.
 """
 
 from __future__ import annotations
@@ -17,190 +20,135 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.task_protocol import curve_fractions, direction_figures, run_directions
 from benchmarks.timing import figure
-from data_prep.shared import REPO_ROOT, shared_data_dir
+from data_prep.shared import shared_data_dir
 
-__all__ = ["NAME", "run", "run_task"]
+__all__ = ["FULL", "NAME", "QUICK", "run"]
 
 NAME = "task_brats"
 
-CONFIGS = REPO_ROOT / "bundle" / "configs"
-
+MODALITIES = ("flair", "t2", "t1", "t1c", "seg")
 QUICK = {
     "ae_channels": [8, 8, 8],
     "dm_channels": [8, 8, 8, 8],
     "dm_time_embed_dim": 16,
-    "ae_epochs": 1,
+    "ae_iterations": 4,
     "ae_batch_size": 8,
     "ae_adversarial_start_iteration": 0,
     "ae_val_interval": 1,
-    "dm_epochs": 2,
+    "dm_iterations": 4,
     "dm_batch_size": 8,
-    "dm_divergence_aware_start_iteration": 2,
+    "dm_snapshot_fractions": [0.5],
     "num_inference_steps": 3,
     "baseline_iterations": 4,
     "baseline_channels": [8, 8, 8, 8],
     "task_pixdim": [4, 4, 4],
+    "task_eval_branches": ["damm", "uni", "multi", "damm_mean2"],
     "task_write_outputs": False,
 }
 FULL = {
-    "ae_epochs": 100000,
-    "dm_epochs": 100000,
-    "ae_val_interval": 1000,
+    "ae_shared": True,
+    "ae_iterations": 1200,
     "ae_batch_size": 8,
-    "ae_adversarial_start_iteration": 200,
+    "ae_val_interval": 1000,
+    "ae_adversarial_start_iteration": 300,
+    "dm_iterations": 3000,
     "dm_batch_size": 16,
-    "dm_divergence_aware_start_iteration": 200,
+    "dm_divergence_aware_start_fraction": 0.5,
+    "dm_ema_decay": 0.999,
+    "dm_snapshot_fractions": [0.25, 0.5],
     "num_inference_steps": 50,
-    "baseline_iterations": 10**9,
+    "baseline_iterations": 2000,
     "task_pixdim": [2, 2, 2],
+    "task_eval_branches": ["damm", "uni", "multi", "damm_mean4"],
+    "task_write_outputs": False,
 }
-BUDGET_S = {"ae": 180.0, "dm": 180.0}
 
 
-def _workflow(overlay: str, root: Path, data: Path, run_id: str, settings: dict[str, Any]) -> float:
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train.json"), str(CONFIGS / overlay)],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        run_id=run_id,
-        workflow_type="train",
-        bundle_root=str(root),
-        dataset_dir=str(data),
-        progress=False,
-        log_every=1000,
-        **settings,
-    )
-    wf.initialize()
-    t0 = time.perf_counter()
-    try:
-        wf.run()
-    finally:
-        wf.finalize()
-    return time.perf_counter() - t0
-
-
-def run_task(
-    label: str, overlay: str, data: Path, settings: dict[str, Any], budget_s: dict[str, float] | None, keep: str | None
-) -> list[dict]:
-    """Train DAMM (two stages) and the UNet baseline with the same budget, evaluate, and return figures.
-
-    Args:
-        label: figure name prefix.
-        overlay: task overlay file name.
-        data: dataset folder.
-        settings: config overrides.
-        budget_s: ``{"ae": s, "dm": s}`` wall-clock budgets (``None``: epochs/iterations decide).
-        keep: folder to keep the bundle in (``None``: a temporary folder).
-
-    Returns:
-        Figure records.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine: 1 thread avoids OpenMP spin-waits
-    try:
-        return _run_task(label, overlay, data, settings, budget_s, keep)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_task(
-    label: str, overlay: str, data: Path, settings: dict[str, Any], budget_s: dict[str, float] | None, keep: str | None
-) -> list[dict]:
-    settings = dict(settings)
-    if budget_s:
-        settings.update(
-            ae_time_budget_s=budget_s["ae"],
-            dm_time_budget_s=budget_s["dm"],
-            baseline_time_budget_s=budget_s["ae"] + budget_s["dm"],
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(keep) if keep else Path(tmp)
-        secs = {
-            "autoencoders": _workflow(overlay, root, data, "train_autoencoder", settings),
-            "diffusion": _workflow(overlay, root, data, "train_diffusion", settings),
-            "unet_baseline": _workflow(overlay, root, data, "train_baseline", settings),
-        }
-        _workflow(overlay, root, data, "evaluating", settings)
-        res = json.loads((root / "eval" / "task" / "task_evaluation.json").read_text())
-    common = {
-        "budget_s": budget_s,
-        "sampler": res["sampler"],
-        "split": res["split_mode"],
-        "threads": torch.get_num_threads(),
+def _subject(folder: Path, name: str) -> dict[str, Any]:
+    return {
+        "subject": name,
+        **{m: str(folder / f"{m}.nii.gz") for m in MODALITIES if (folder / f"{m}.nii.gz").is_file()},
     }
-    figs = [
-        figure(
-            f"{label}: DAMM training time (autoencoders + diffusion)",
-            secs["autoencoders"] + secs["diffusion"],
-            "s",
-            autoencoders_s=round(secs["autoencoders"], 1),
-            diffusion_s=round(secs["diffusion"], 1),
-            **common,
-        ),
-        figure(f"{label}: UNet baseline training time", secs["unet_baseline"], "s", **common),
-    ]
-    for method, regions in res["mean"].items():
-        for region, vals in regions.items():
-            for metric, unit in (("psnr", "dB"), ("ssim", ""), ("mae", "")):
-                figs.append(
-                    figure(
-                        f"{label}: {method} {metric.upper()} ({_region(region)})",
-                        vals[metric],
-                        unit,
-                        method=method,
-                        region=region,
-                        **common,
-                    )
-                )
-    for subject in res["subjects"].values():
-        for method, rec in subject["methods"].items():
-            figs.append(
-                figure(
-                    f"{label}: {method} inference time per subject/field", rec["seconds"], "s", method=method, **common
-                )
-            )
-            if "branch_statistics" in rec and "multi_step_fraction" in rec["branch_statistics"]:
-                figs.append(
-                    figure(
-                        f"{label}: {method} fraction of steps on the multi-modal branch",
-                        rec["branch_statistics"]["multi_step_fraction"],
-                        "",
-                        method=method,
-                    )
-                )
-        break
-    return figs
 
 
-def _region(region: str) -> str:
-    return "held-out part" if region == "heldout" else f"{region}, held-out"
+def _datalist(train: dict[str, Any], test: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"training": [train], "test": [test]}, indent=2))
+    return path
+
+
+def _resampling_limit(test: dict[str, Any], pixdim: Any) -> dict[str, float]:
+    """Brain metrics of the true FLAIR taken to the training grid and back (what any 2D model at ``pixdim`` is
+    limited to on the input grid)."""
+    from damm.tasks.brats_subject import prepare_subject, synthesise_subject, voxels
+    from damm.tasks.metrics import region_metrics, to_unit
+
+    files = {k: test[k] for k in ("t2", "t1", "t1c", "flair")}
+    prep = prepare_subject(files, ["t2", "t1", "t1c"], "flair", test["subject"], pixdim=pixdim)
+    vol = synthesise_subject(prep, lambda x: x, prep.target_params, use_target=True)
+    lo, hi = prep.target_params["lower"], prep.target_params["upper"]
+    truth = to_unit(voxels(files["flair"], "flair"), lo, hi)
+    return region_metrics(to_unit(vol, lo, hi), truth, {"brain": prep.input_brain})["brain"]
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Measure the figures (skipped, with one note figure, when the shared data is absent).
+    """Measure both directions (one note figure when the shared data is absent).
 
     Args:
-        quick: 4 mm, tiny networks, 3 sampling steps (well under a minute).
+        quick: 4 mm, tiny networks, a few iterations.
 
     Returns:
         Figure records.
     """
     shared = shared_data_dir()
-    data = None if shared is None else shared / "brats"
-    if data is None or not data.is_dir():
-        return [figure("task_brats: shared BraTS data absent, nothing measured", 0.0, "")]
+    a = None if shared is None else shared / "brats" / "TCGA-DU-7294"
+    b = None if shared is None else shared / "brats_validation" / "AURORA-example"
+    if a is None or b is None or not a.is_dir() or not b.is_dir():
+        return [figure("task_brats: shared BraTS subjects absent, nothing measured", 0.0, "")]
     settings = QUICK if quick else FULL
-    keep = os.environ.get("TASK_BENCH_KEEP")  # optional folder to keep the trained bundle and predictions in
-    return run_task("brats flair", "task_brats.json", data, settings, None if quick else BUDGET_S, keep)
+    subjects = {"glioma": _subject(a, "glioma"), "metastasis": _subject(b, "metastasis")}
+    keep = os.environ.get("TASK_BENCH_KEEP")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(keep) if keep else Path(tmp)
+        jobs = []
+        directions = (("glioma", "metastasis"), ("metastasis", "glioma"))
+        for src, dst in directions[:1] if quick else directions:  # quick: one direction (a plumbing check)
+            root = base / f"{src}_to_{dst}"
+            datalist = _datalist(subjects[src], subjects[dst], root / "datalist.json")
+            jobs.append(
+                {
+                    "overlay": "task_brats.json",
+                    "root": str(root),
+                    "settings": {**settings, "datalist": str(datalist)},
+                    "label": f"brats flair {src} -> {dst}",
+                    "fractions": curve_fractions(settings),
+                    "threads": 1,
+                }
+            )
+        results = run_directions(jobs, parallel=not quick)
+    figs = []
+    for res in results:
+        figs += direction_figures(res, "brain")
+    for name in ("glioma", "metastasis"):
+        lim = _resampling_limit(subjects[name], settings["task_pixdim"])
+        for metric, unit in (("psnr", "dB"), ("ssim", "")):
+            figs.append(
+                figure(
+                    f"brats flair {name}: true FLAIR resampled to {settings['task_pixdim'][0]} mm and back, brain "
+                    f"{metric.upper()}",
+                    lim[metric],
+                    unit,
+                    subject=name,
+                    metric=metric,
+                    pixdim=settings["task_pixdim"],
+                )
+            )
+    return figs
 
 
 if __name__ == "__main__":

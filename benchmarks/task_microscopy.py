@@ -1,16 +1,14 @@
-"""Real-task results: fluorescence channel prediction on the held-out part of real fields.
+"""Cross-field microscopy channel prediction: ``rhodamine`` from ``fitc`` (anchor) and ``dapi`` on the two fly fields.
 
-Two tasks on the shared CellProfiler example fields: ``rhodamine`` from ``fitc`` (anchor) and ``dapi`` on the two
-fly fields, and ``ph3`` (a sparse mitosis marker) from ``dna`` (anchor) and ``cellbody`` on the human field. Each
-field's right-most quarter of columns is held out (a half-tile gap before it is unused); the model trains on 64 px
-tiles of the rest. DAMM-Diffusion (autoencoders, then diffusion) and the MONAI ``UNet`` L1 baseline get the same
-wall-clock budget; every method is evaluated by whole-field sliding-window inference (Gaussian blending) on the
-held-out columns, beside the target autoencoder's reconstruction (the ceiling).
+Each direction trains the task bundle (``train.json`` + ``task_microscopy.json``, field split with
+``task_test_fields``) on 64 px tiles of one field for fixed iteration counts and evaluates the **whole other
+field** by sliding-window inference (Gaussian blending): DAMM gated, uni, multi and the mean of 4 samples, the
+MONAI ``UNet``, each source channel mapped linearly and by histogram (the best single source channel), and the
+target autoencoder's reconstruction (the ceiling). The protocol and the curve: :mod:`benchmarks.task_protocol`.
 
-Budget (full run, CPU, one thread of the shared 2-core machine): fly 2 + 4 = 6 min for DAMM and 6 min for the
-UNet; human 1 + 2 = 3 min and 3 min; DDIM 50 steps. ``quick=True``: the human field, 32 px tiles, tiny networks,
-3 steps (well under a minute). ``TASK_BENCH_KEEP=DIR`` keeps the trained bundles. Run alone with
-``python -m benchmarks.task_microscopy [--quick]``.
+Both directions run in parallel, one thread each. ``quick=True``: one direction, 32 px tiles on a stride of 256 px, tiny
+networks, a few iterations. Run alone with ``python -m benchmarks.task_microscopy [--quick]``;
+``TASK_BENCH_KEEP=DIR`` keeps the trained bundles.
 """
 
 from __future__ import annotations
@@ -18,75 +16,89 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from benchmarks.task_brats import run_task
+from benchmarks.task_protocol import curve_fractions, direction_figures, run_directions
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
 
-__all__ = ["NAME", "run"]
+__all__ = ["FULL", "NAME", "QUICK", "run"]
 
 NAME = "task_microscopy"
 
+FIELDS = ("POS002", "POS076")
+TASK = {"target": "rhodamine", "conditions": ["fitc", "dapi"]}
 QUICK = {
     "ae_channels": [8, 8, 8],
     "dm_channels": [8, 8, 8, 8],
     "dm_time_embed_dim": 16,
-    "ae_epochs": 1,
+    "ae_iterations": 4,
     "ae_batch_size": 8,
     "ae_adversarial_start_iteration": 0,
     "ae_val_interval": 1,
-    "dm_epochs": 1,
+    "dm_iterations": 4,
     "dm_batch_size": 8,
-    "dm_divergence_aware_start_iteration": 2,
+    "dm_snapshot_fractions": [0.5],
     "num_inference_steps": 3,
     "baseline_iterations": 4,
     "baseline_channels": [8, 8, 8, 8],
     "task_tile_size": 32,
-    "task_stride": 64,
+    "task_stride": 256,
+    "task_eval_branches": ["damm", "uni", "multi", "damm_mean2"],
     "task_write_outputs": False,
 }
 FULL = {
-    "ae_epochs": 100000,
-    "dm_epochs": 100000,
+    "ae_shared": True,
+    "ae_iterations": 800,
     "ae_batch_size": 8,
     "ae_val_interval": 1000,
     "ae_adversarial_start_iteration": 200,
-    "dm_divergence_aware_start_iteration": 200,
+    "dm_iterations": 2400,
+    "dm_batch_size": 16,
+    "dm_divergence_aware_start_fraction": 0.5,
+    "dm_ema_decay": 0.999,
+    "dm_snapshot_fractions": [0.25, 0.5],
     "num_inference_steps": 50,
-    "baseline_iterations": 10**9,
+    "baseline_iterations": 1600,
     "task_tile_size": 64,
-}
-TASKS = {
-    "fly": {"target": "rhodamine", "conditions": ["fitc", "dapi"], "budget_s": {"ae": 120.0, "dm": 240.0}},
-    "human": {"target": "ph3", "conditions": ["dna", "cellbody"], "budget_s": {"ae": 60.0, "dm": 120.0}},
+    "task_eval_branches": ["damm", "uni", "multi", "damm_mean4"],
+    "task_write_outputs": False,
 }
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Measure the figures (one note figure when the shared data is absent).
+    """Measure both directions (one note figure when the shared data is absent).
 
     Args:
-        quick: the human field only, tiny.
+        quick: tiny settings.
 
     Returns:
         Figure records.
     """
     shared = shared_data_dir()
-    root = None if shared is None else shared / "microscopy"
-    if root is None or not root.is_dir():
-        return [figure("task_microscopy: shared microscopy data absent, nothing measured", 0.0, "")]
+    data = None if shared is None else shared / "microscopy" / "fly"
+    if data is None or not all((data / f"{f}_{c}.tif").is_file() for f in FIELDS for c in ("dapi", "fitc")):
+        return [figure("task_microscopy: shared fly fields absent, nothing measured", 0.0, "")]
+    settings = {**(QUICK if quick else FULL), **TASK, "dataset_dir": str(data)}
     keep = os.environ.get("TASK_BENCH_KEEP")
-    figs: list[dict] = []
-    for name, task in TASKS.items():
-        if quick and name != "human":
-            continue
-        settings = {**(QUICK if quick else FULL), "target": task["target"], "conditions": task["conditions"]}
-        label = f"microscopy {name} {task['target']}"
-        keep_dir = None if keep is None else str(Path(keep) / name)
-        figs += run_task(
-            label, "task_microscopy.json", root / name, settings, None if quick else task["budget_s"], keep_dir
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(keep) if keep else Path(tmp)
+        jobs = [
+            {
+                "overlay": "task_microscopy.json",
+                "root": str(base / f"{src}_to_{dst}"),
+                "settings": {**settings, "task_test_fields": [dst]},
+                "label": f"microscopy fly rhodamine {src} -> {dst}",
+                "fractions": curve_fractions(settings),
+                "threads": 1,
+            }
+            for src, dst in ((FIELDS, FIELDS[::-1])[:1] if quick else (FIELDS, FIELDS[::-1]))
+        ]
+        results = run_directions(jobs, parallel=not quick)
+    figs = []
+    for res in results:
+        figs += direction_figures(res, "field")
     return figs
 
 

@@ -14,6 +14,8 @@ upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,7 @@ from torch import nn
 from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
 from ddcore.precision import fp32, upcast
 
-__all__ = ["DAMMLoss", "per_sample_reference_loss"]
+__all__ = ["DAMMLoss", "diffusion_target", "min_snr_weights", "per_sample_reference_loss"]
 
 
 def _per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,14 +72,22 @@ class DAMMLoss(nn.Module):
             return self.bce_weight * bce + self.pull_weight * ((c - self.gamma) ** 2).mean()
 
     def forward(
-        self, output: DAMMOutput, noise: torch.Tensor, divergence_aware: bool
+        self,
+        output: DAMMOutput,
+        noise: torch.Tensor,
+        divergence_aware: bool,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Compute the loss.
 
         Args:
             output: the denoiser's :class:`~damm.networks.denoiser.DAMMOutput`.
-            noise: the true noise ``eps``, shape of ``output.eps_uni``.
+            noise: the regression target, shape of ``output.eps_uni``: the true noise ``eps`` (the paper), or
+                the velocity under v-prediction (:func:`diffusion_target`).
             divergence_aware: False for the warm-up phase, True afterwards.
+            weights: optional per-sample weights ``[B]`` of both branch losses (e.g. :func:`min_snr_weights`);
+                the label ``y`` compares the two branches of one sample, so it does not change. ``None``: the
+                paper's unweighted loss, exactly.
 
         Returns:
             ``(loss, logs)``, ``loss`` fp32 (also under autocast); ``logs`` has ``loss``, ``loss_uni``, ``loss_multi``,
@@ -95,6 +105,9 @@ class DAMMLoss(nn.Module):
         with fp32(noise.device):
             l_uni = _per_sample_l1(output.eps_uni, noise)
             l_multi = _per_sample_l1(output.eps_multi, noise)
+            if weights is not None:
+                w = upcast(weights).reshape(-1).to(l_uni.device)
+                l_uni, l_multi = l_uni * w, l_multi * w
             c = upcast(output.confidence)
             label = (l_multi <= l_uni).detach().float()
             to_multi = (c >= self.gamma).detach()
@@ -114,6 +127,58 @@ class DAMMLoss(nn.Module):
             "loss_confidence": float(loss_conf.detach()),
         }
         return loss, logs
+
+
+def diffusion_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser regresses under the scheduler's ``prediction_type``.
+
+    Args:
+        scheduler: the training scheduler (MONAI ``DDPMScheduler``; ``prediction_type`` ``"epsilon"``, the paper,
+            or ``"v_prediction"``, ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0``).
+        latents: clean latents ``z_0``.
+        noise: ``eps``.
+        timesteps: ``[B]``.
+
+    Returns:
+        ``eps`` or ``v``.
+
+    Raises:
+        ValueError: another prediction type (``"sample"`` is not supported by the DAMM branches' gating).
+    """
+    kind = getattr(scheduler, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023) per sample.
+
+    ``SNR_t = abar_t / (1 - abar_t)``; weight ``min(SNR_t, gamma) / SNR_t`` for epsilon prediction and
+    ``min(SNR_t, gamma) / (SNR_t + 1)`` for v-prediction, so that high-SNR (nearly clean) steps no longer dominate.
+
+    Args:
+        scheduler: the training scheduler (its ``alphas_cumprod`` and ``prediction_type``).
+        timesteps: ``[B]`` integer steps.
+        gamma: the clamp (the paper's 5); must be > 0.
+
+    Returns:
+        ``[B]`` float32 weights.
+
+    Raises:
+        ValueError: ``gamma <= 0``.
+    """
+    if not float(gamma) > 0:
+        raise ValueError(f"dm_min_snr_gamma must be > 0 to weight the loss (0 disables it), got {gamma}")
+    abar = scheduler.alphas_cumprod.to(timesteps.device, torch.float64)[timesteps.long()]
+    snr = abar / (1.0 - abar)
+    clamped = snr.clamp(max=float(gamma))
+    denom = snr + 1.0 if getattr(scheduler, "prediction_type", "epsilon") == "v_prediction" else snr
+    return (clamped / denom).float()
 
 
 def per_sample_reference_loss(

@@ -31,8 +31,10 @@ __all__ = [
     "compute_scale_factors",
     "export_autoencoders",
     "export_model",
+    "export_snapshot",
     "load_autoencoders",
     "load_model",
+    "snapshot_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,11 +91,17 @@ class DAMMModel(nn.Module):
         return self.denoiser(x, timesteps, context)
 
 
-def build_autoencoders(keys: Sequence[str], **kwargs: Any) -> nn.ModuleDict:
-    """One :func:`damm.networks.build_autoencoder` per modality (same architecture, separate weights).
+def build_autoencoders(keys: Sequence[str], shared: bool = False, **kwargs: Any) -> nn.ModuleDict:
+    """The modalities' autoencoders: one per modality (the paper), or one shared by all (``shared``).
+
+    A shared autoencoder sees every modality's images at every step (with four MRI contrasts, 4x the data of a
+    per-modality one); it is the same module under every key, so everything that indexes the autoencoders by
+    modality works unchanged, its parameters count once (``parameters()`` deduplicates) and its latent scale
+    factor is fitted on all modalities (:func:`compute_scale_factors`).
 
     Args:
         keys: modalities.
+        shared: one autoencoder for all modalities.
         **kwargs: ``build_autoencoder`` arguments.
 
     Returns:
@@ -101,6 +109,9 @@ def build_autoencoders(keys: Sequence[str], **kwargs: Any) -> nn.ModuleDict:
     """
     from damm.networks import build_autoencoder
 
+    if shared:
+        one = build_autoencoder(**kwargs)
+        return nn.ModuleDict(dict.fromkeys(keys, one))
     return nn.ModuleDict({k: build_autoencoder(**kwargs) for k in keys})
 
 
@@ -142,12 +153,18 @@ def compute_scale_factors(
     """
     from damm.networks import compute_scale_factor
 
-    factors = {}
+    factors: dict[str, float] = {}
+    groups: dict[int, list[str]] = {}  # a shared autoencoder serves several modalities: one factor for all
     for k in keys or list(autoencoders):
         ae = getattr(autoencoders[k], "module", autoencoders[k])
-        sf = compute_scale_factor(ae, loader, key=k, max_batches=max_batches)
-        ae.set_scale_factor(sf)
-        factors[k] = float(sf)
+        factors[k] = float(compute_scale_factor(ae, loader, key=k, max_batches=max_batches))
+        groups.setdefault(id(ae), []).append(k)
+    for members in groups.values():
+        ae = getattr(autoencoders[members[0]], "module", autoencoders[members[0]])
+        # 1 / std of the pooled latents (equal counts per modality): sqrt of the mean variance
+        pooled = float(len(members) / sum(1.0 / factors[k] ** 2 for k in members)) ** 0.5
+        ae.set_scale_factor(pooled)
+        factors.update(dict.fromkeys(members, pooled))
     return factors
 
 
@@ -216,21 +233,61 @@ def load_autoencoders(autoencoders: nn.Module, path: str | Path) -> nn.Module:
     return autoencoders
 
 
-def export_model(model: nn.Module, path: str | Path) -> Path:
+def export_model(model: nn.Module, path: str | Path, ema: Any = None) -> Path:
     """Write the composite model's state dict (autoencoders, scale factors, denoiser) atomically (rank 0).
 
     Args:
         model: :class:`DAMMModel`.
         path: destination (``models/model.pt``).
+        ema: optional :class:`damm.engines.ema.WeightEMA` of the denoiser: its averaged weights are written, and
+            copied into ``model.denoiser`` so that what follows in this process (the evaluation) samples with
+            them too (the stage-2 checkpoint keeps the raw weights for resuming).
 
     Returns:
         ``path``.
     """
+    if ema is not None and ema.copy_to(getattr(model.denoiser, "module", model.denoiser)):
+        rank_zero_info(logger, f"denoiser: exporting the EMA weights ({ema.num_updates} updates, decay {ema.decay})")
     if is_rank_zero():
         atomic_torch_save(_state_dict(model), path)
         logger.info(f"model written to {path}")
     barrier()
     return Path(path)
+
+
+def snapshot_path(model_path: str | Path, iteration: int) -> Path:
+    """Where a training snapshot of ``model_path`` lies: ``model_iteration=<n>.pt`` beside it.
+
+    Args:
+        model_path: the final model (``models/model.pt``).
+        iteration: the snapshot's iteration.
+
+    Returns:
+        The path.
+    """
+    path = Path(model_path)
+    return path.with_name(f"{path.stem}_iteration={int(iteration)}{path.suffix}")
+
+
+def export_snapshot(model: nn.Module, model_path: str | Path, iteration: int, ema: Any = None) -> Path:
+    """Write the composite model as it would be exported now (EMA weights when given) to :func:`snapshot_path`,
+    leaving the training weights untouched.
+
+    Args:
+        model: :class:`DAMMModel`.
+        model_path: the final model's path.
+        iteration: the current iteration.
+        ema: optional :class:`damm.engines.ema.WeightEMA` of the denoiser.
+
+    Returns:
+        The snapshot's path.
+    """
+    path = snapshot_path(model_path, iteration)
+    if is_rank_zero():
+        state = _state_dict(model) if ema is None else ema.state_dict_for(_unwrap_dict(model), "denoiser.")
+        atomic_torch_save(state, path)
+    barrier()
+    return path
 
 
 def load_model(model: nn.Module, path: str | Path) -> nn.Module:

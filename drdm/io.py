@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -23,7 +24,16 @@ from ddcore.content import check_finite, check_real_file
 from ddcore.images import load_image, save_nifti_like
 from drdm.fields import check_field, folding_fraction
 
-__all__ = ["deformation_stats", "file_dtype", "read_volume", "save_ddf", "save_volume", "source_path", "spacing"]
+__all__ = [
+    "deformation_stats",
+    "file_dtype",
+    "read_ddf",
+    "read_volume",
+    "save_ddf",
+    "save_volume",
+    "source_path",
+    "spacing",
+]
 
 DDF_INTENT = "ddf_voxels"
 
@@ -148,6 +158,32 @@ def save_ddf(ddf: torch.Tensor, reference: MetaTensor, path: str | os.PathLike) 
     grid = tuple(int(n) for n in reference.meta["spatial_shape"])
     data = data.reshape(*grid, *([1] * (3 - len(grid))), 1, data.shape[-1])
     return save_nifti_like(data, source_path(reference), path, intent=DDF_INTENT)
+
+
+def read_ddf(path: str | os.PathLike, spatial_dims: int) -> torch.Tensor:
+    """Read a field written by :func:`save_ddf` back as ``[d, *S]`` (voxels, component ``i`` along array axis ``i``).
+
+    Args:
+        path: the ``*_ddf.nii.gz`` file.
+        spatial_dims: ``d`` (a 2D field stored as ``(X, Y, 1, 1, 2)`` reads as ``[2, X, Y]``).
+
+    Returns:
+        The float32 field.
+
+    Raises:
+        ValueError: the file does not hold a ``d``-component vector image.
+    """
+    check_real_file(path, "ddf")
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != spatial_dims:
+        raise ValueError(f"ddf: {path} has shape {data.shape}; expected (X, Y, Z, 1, {spatial_dims}) from save_ddf.")
+    field = torch.from_numpy(np.moveaxis(data[:, :, :, 0], -1, 0).copy())
+    if spatial_dims == 2:
+        if field.shape[-1] != 1:
+            raise ValueError(f"ddf: {path} has shape {data.shape}; a 2D field is stored as (X, Y, 1, 1, 2).")
+        field = field[..., 0]
+    check_finite(field, "ddf", str(path))
+    return field
 
 
 def deformation_stats(

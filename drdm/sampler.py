@@ -9,7 +9,9 @@ fraction exceeds a threshold, a bounded number of times, and reports when it can
 
 Speed: outputs are recovered in batches (``batch_size`` rows, each with its own seeded generator, so results do
 not depend on the batching), the network runs under the ``precision`` setting (bf16 autocast on CPU) while the
-fields stay fp32, and :class:`drdm.networks.RecoveryNet` uses channels-last convolutions.
+fields stay fp32, and :class:`drdm.networks.RecoveryNet` uses channels-last convolutions. ``recovery_stride`` > 1
+trades fidelity for speed: the loop visits every ``s``-th level and applies each predicted step ``s`` times (a
+flow power, like skipping steps in a DDIM sampler); this is an approximation not in the paper, 1 = Algorithm 2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from ddcore.device import module_device
 from ddcore.precision import autocast, check_precision
 from drdm.diffusion import DeformationDiffusion
-from drdm.fields import compose, folding_fraction, warp
+from drdm.fields import compose, flow_power, folding_fraction, warp
 
 __all__ = [
     "DRDMSampler",
@@ -184,6 +186,9 @@ class DRDMSampler:
         batch_size: rows (outputs × input batch) recovered together; bounds memory (activations grow linearly).
         device: device the sampling runs on, used to validate ``precision`` at construction (default: the
             network's device); the device of the images is checked again at each call.
+        recovery_stride: visit every ``s``-th recovery level and apply each predicted step ``s`` times
+            (``flow_power``): about ``s`` times fewer network calls, an approximation of Algorithm 2 (default 1:
+            every level, exactly Algorithm 2).
 
     Raises:
         ValueError: a bad setting (named in the message), before any work.
@@ -205,7 +210,10 @@ class DRDMSampler:
         precision: str = "fp32",
         batch_size: int = 8,
         device: str | torch.device | None = None,
+        recovery_stride: int = 1,
     ) -> None:
+        if isinstance(recovery_stride, bool) or int(recovery_stride) != recovery_stride or recovery_stride < 1:
+            raise ValueError(f"recovery_stride must be an integer >= 1, got {recovery_stride!r}.")
         if start not in ("t_prime", "all"):
             raise ValueError(f"start must be 't_prime' (Algorithm 2) or 'all' (official), got {start!r}.")
         if on_failure not in ("warn", "raise"):
@@ -231,6 +239,7 @@ class DRDMSampler:
         self.label_padding_mode = label_padding_mode
         self.field_padding_mode = field_padding_mode
         self.batch_size = int(batch_size)
+        self.recovery_stride = int(recovery_stride)
 
     # ------------------------------------------------------------------ validation
     def check_t_prime(self, t_prime: int) -> int:
@@ -251,7 +260,7 @@ class DRDMSampler:
 
     def recovery_levels(self, t_prime: int) -> list[int]:
         """Network levels visited by the recovery loop for start level ``t_prime``."""
-        return list(range(self._first_level(t_prime), self._last_level - 1, -1))
+        return list(range(self._first_level(t_prime), self._last_level - 1, -self.recovery_stride))
 
     @property
     def _last_level(self) -> int:
@@ -288,7 +297,14 @@ class DRDMSampler:
         if len(levels) != batch:
             raise ValueError(f"recover: got {len(levels)} start levels for a batch of {batch}.")
         first = torch.tensor([self._first_level(int(t)) for t in levels])
-        last = self._last_level
+        last, stride = self._last_level, self.recovery_stride
+        if stride > 1 and bool((first != first.max()).any()):  # strided rows visit different levels: one group each
+            out = random_ddf.float().clone()
+            for level in first.unique().tolist():
+                rows = torch.nonzero(first == level).flatten()
+                dev = rows.to(image.device)
+                out[dev] = self.recover(image[dev], random_ddf[dev], [levels[i] for i in rows.tolist()])
+            return out
         was_training = self.network.training
         self.network.eval()
         phi = random_ddf.float() if random_ddf.dtype in (torch.float16, torch.bfloat16) else random_ddf
@@ -296,7 +312,7 @@ class DRDMSampler:
             phi = phi.clone()  # rows join at different levels: updated in place below, never the caller's tensor
         try:
             with autocast(self.precision, image.device):
-                for level in range(int(first.max()) if batch else last - 1, last - 1, -1):
+                for level in range(int(first.max()) if batch else last - 1, last - 1, -stride):
                     active = first >= level
                     rows = None if bool(active.all()) else torch.nonzero(active).flatten().to(image.device)
                     x = image if rows is None else image[rows]
@@ -304,6 +320,8 @@ class DRDMSampler:
                     current = warp(x, current_phi, self.image_mode, self.image_padding_mode)
                     t = torch.full((x.shape[0],), level, dtype=torch.long, device=image.device)
                     step = self.network(current, t).float()
+                    if stride > 1 and min(stride, level - last + 1) > 1:  # stands for this level and the skipped ones
+                        step = flow_power(step, min(stride, level - last + 1), self.field_padding_mode)
                     updated = compose(current_phi, step, self.field_padding_mode)
                     if rows is None:
                         phi = updated

@@ -31,7 +31,7 @@ from ddcore.datalist import load_volume_datalist
 from ddcore.precision import check_precision
 from drdm.diffusion import DeformationDiffusion
 from drdm.io import deformation_stats, file_dtype, read_volume, save_ddf, save_volume, spacing
-from drdm.sampler import DRDMSampler, SampleResult, warp_intensities
+from drdm.sampler import DRDMSampler, SampleResult, warp_intensities, warp_labels
 
 __all__ = ["AugmentationWorkflow", "RegistrationPairWorkflow", "load_items"]
 
@@ -246,12 +246,37 @@ class AugmentationWorkflow(_Job):
         return reports
 
 
+def _difference_pct(a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, float]:
+    """Mean and max ``|a - b|`` in % of an intensity range."""
+    diff = (a - b).abs() / max(scale, 1e-12) * 100.0
+    return {"mean_pct": float(diff.mean()), "max_pct": float(diff.max())}
+
+
 class RegistrationPairWorkflow(_Job):
     """Algorithm 4: (moving, fixed, ground-truth DDF) triplets for every item and ``(T'_aug, T'_syn)`` pair.
 
-    Writes ``<id>_pair<j>_<k>_moving.nii.gz``, ``_fixed.nii.gz``, ``_ddf.nii.gz`` (``φ_syn``:
-    ``fixed ≈ warp(moving, ddf)``), label maps when present, and a JSON report per triplet, plus
-    ``outputs.json`` and ``pairs_datalist.json``.
+    Writes, per triplet ``<id>_pair<j>_<k>``: ``_moving.nii.gz``, ``_fixed.nii.gz``, ``_ddf.nii.gz`` (``φ_syn``,
+    the registration target: ``fixed ≈ warp(moving, ddf)``), ``_aug_ddf.nii.gz`` (``φ_aug``:
+    ``moving = warp(source, aug_ddf)``), ``_composed_ddf.nii.gz`` (``φ_aug ⊕ φ_syn``:
+    ``fixed ≈ warp(source, composed_ddf)``), label maps when present, and a JSON report, plus ``outputs.json`` and
+    ``pairs_datalist.json``. Every field is a NIfTI vector image on the source's grid and affine (see
+    :func:`drdm.io.save_ddf`: voxels, component ``i`` along array axis ``i``, MONAI ``Warp`` pull-back); a warp
+    here is :func:`drdm.sampler.warp_intensities` (bilinear; what comes from outside takes the image minimum).
+
+    Both images cannot be single interpolations of the source *and* exactly related by ``φ_syn``:
+    ``warp(moving, φ_syn)`` resamples an already resampled image (and ``composed`` is itself a resampled
+    composition), so one of the two identities holds only up to bilinear interpolation error. ``fixed_from``
+    chooses which one is exact (up to float32 rounding), and each report measures the other
+    (``fixed_vs_warped_moving`` / ``fixed_vs_warped_source``: mean and max ``|difference|`` in % of the source's
+    intensity range):
+
+    - ``"source"`` (default, Algorithm 4 as in :meth:`DRDMSampler.registration_pair`): moving and fixed are both
+      warped once from the source, with ``aug_ddf`` and ``composed_ddf``; ``fixed = warp(source, composed_ddf)``
+      exactly, fixed labels likewise (nearest), and ``fixed ≈ warp(moving, ddf)`` is off by the extra
+      interpolation (largest at edges and where ``moving`` took background from outside the grid).
+    - ``"moving"``: ``fixed = warp(moving, ddf)`` exactly (a fully consistent registration target; fixed labels
+      are the moving labels warped nearest by ``ddf``), and ``fixed ≈ warp(source, composed_ddf)`` is off by the
+      interpolation error instead (fixed is slightly blurrier).
 
     Args:
         datalist: datalist JSON or list of items.
@@ -260,6 +285,7 @@ class RegistrationPairWorkflow(_Job):
         output_dir: output folder.
         level_pairs: ``[(t_aug, t_syn), ...]`` start levels.
         outputs_per_pair: triplets per pair and item.
+        fixed_from: ``"source"`` or ``"moving"`` (see above).
         **kwargs: as :class:`AugmentationWorkflow`.
     """
 
@@ -271,8 +297,12 @@ class RegistrationPairWorkflow(_Job):
         output_dir: str | os.PathLike,
         level_pairs: Sequence[Sequence[int]] = ((16, 16), (24, 16)),
         outputs_per_pair: int = 1,
+        fixed_from: str = "source",
         **kwargs: Any,
     ) -> None:
+        if fixed_from not in ("source", "moving"):
+            raise ValueError(f"fixed_from must be 'source' or 'moving', got {fixed_from!r}.")
+        self.fixed_from = fixed_from
         super().__init__(datalist, network, diffusion, output_dir, **kwargs)
         pairs = []
         for pair in level_pairs:
@@ -283,6 +313,21 @@ class RegistrationPairWorkflow(_Job):
         if outputs_per_pair < 1:
             raise ValueError(f"outputs_per_pair must be >= 1, got {outputs_per_pair}.")
         self.outputs_per_pair = int(outputs_per_pair)
+
+    def _pair_images(
+        self, raw: torch.Tensor, fields: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
+        """Moving and fixed from the source by ``fixed_from``, and both consistency residuals (in % of the range)."""
+        moving = self._warp_original(raw, fields["aug_ddf"])
+        from_source = self._warp_original(raw, fields["composed_ddf"])
+        from_moving = self._warp_original(moving, fields["ddf"])
+        fixed = from_source if self.fixed_from == "source" else from_moving
+        scale = float(raw.max() - raw.min())
+        checks = {
+            "fixed_vs_warped_moving": _difference_pct(fixed, from_moving, scale),
+            "fixed_vs_warped_source": _difference_pct(fixed, from_source, scale),
+        }
+        return moving, fixed, checks
 
     def run(self) -> list[dict[str, Any]]:
         """Generate and write every triplet; returns the reports."""
@@ -299,26 +344,38 @@ class RegistrationPairWorkflow(_Job):
                 trip = self.sampler.registration_pair(batch_in, t_aug, t_syn, batch_labels, generator)
                 for k in range(copies):
                     stem = f"{item['id']}_pair{j:02d}_{k:02d}"
-                    moving_ddf = trip.moving_result.ddf[k : k + 1]
                     files = {
-                        "moving": f"{stem}_moving.nii.gz",
-                        "fixed": f"{stem}_fixed.nii.gz",
-                        "ddf": f"{stem}_ddf.nii.gz",
+                        name: f"{stem}_{name}.nii.gz" for name in ("moving", "fixed", "ddf", "aug_ddf", "composed_ddf")
                     }
-                    moving = self._warp_original(raw, moving_ddf)
-                    fixed = self._warp_original(raw, trip.source_to_fixed[k : k + 1])
+                    fields = {
+                        "ddf": trip.ddf[k : k + 1],
+                        "aug_ddf": trip.moving_result.ddf[k : k + 1],
+                        "composed_ddf": trip.source_to_fixed[k : k + 1],
+                    }
+                    moving, fixed, checks = self._pair_images(raw, fields)
                     save_volume(moving[0, 0], vol, self.output_dir / files["moving"], np.float32)
                     save_volume(fixed[0, 0], vol, self.output_dir / files["fixed"], np.float32)
-                    save_ddf(trip.ddf[k], vol, self.output_dir / files["ddf"])
+                    for name, field in fields.items():
+                        save_ddf(field[0], vol, self.output_dir / files[name])
                     if lab_vol is not None and trip.moving_labels is not None and trip.fixed_labels is not None:
                         files["moving_label"] = f"{stem}_moving_label.nii.gz"
                         files["fixed_label"] = f"{stem}_fixed_label.nii.gz"
+                        fixed_labels = trip.fixed_labels[k : k + 1]
+                        if self.fixed_from == "moving":
+                            fixed_labels = warp_labels(
+                                trip.moving_labels[k : k + 1],
+                                fields["ddf"],
+                                self.sampler.label_mode,
+                                self.sampler.label_padding_mode,
+                            )
                         dt = file_dtype(lab_vol)
                         save_volume(trip.moving_labels[k, 0], lab_vol, self.output_dir / files["moving_label"], dt)
-                        save_volume(trip.fixed_labels[k, 0], lab_vol, self.output_dir / files["fixed_label"], dt)
+                        save_volume(fixed_labels[0, 0], lab_vol, self.output_dir / files["fixed_label"], dt)
                     report = self._report(trip.fixed_result, vol, {"id": item["id"], "files": files}, row=k)
                     report.update({"t_aug": t_aug, "t_syn": t_syn, "index": k, "field": "ddf maps moving onto fixed"})
-                    report["moving_field"] = deformation_stats(moving_ddf[0], spacing(vol))
+                    report.update({"fixed_from": self.fixed_from, "source_image": str(item["image"]), **checks})
+                    report["moving_field"] = deformation_stats(fields["aug_ddf"][0], spacing(vol))
+                    report["composed_field"] = deformation_stats(fields["composed_ddf"][0], spacing(vol))
                     atomic_write_json(report, self.output_dir / f"{stem}.json")
                     reports.append(report)
                     datalist.append({"id": stem, **files})

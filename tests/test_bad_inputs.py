@@ -31,7 +31,7 @@ RNG = np.random.default_rng(0)
 KEYS = ("np_signal", "vessel", "nuclei")
 TINY = [
     "--ae_channels", "[8,8,8]", "--dm_channels", "[8,8,8,8]", "--dm_time_embed_dim", "16",
-    "--ae_epochs", "1", "--ae_batch_size", "4", "--dm_epochs", "1", "--dm_batch_size", "4",
+    "--ae_iterations", "4", "--ae_batch_size", "4", "--dm_iterations", "4", "--dm_batch_size", "4",
     "--num_inference_steps", "2", "--eval_num_samples", "1", "--eval_ddpm_items", "0", "--progress", "False",
 ]  # fmt: skip
 

@@ -122,3 +122,27 @@ def test_records_name_the_cpu_and_its_measured_peaks():
     env = environment()
     assert env["cpu"] and isinstance(env["cpu_bf16_units"], list)
     assert env["matmul_peak_gflops"]["fp32"] > 0 and env["matmul_peak_gflops"]["bf16"] > 0
+
+
+def test_generated_tables_match_their_records():
+    """Every quality table of README and the docs is the one its committed record gives."""
+    from benchmarks import tables
+
+    blocks = [
+        m.group("name") for doc in tables.DOCUMENTS if doc.is_file() for m in tables.BLOCK.finditer(doc.read_text())
+    ]
+    assert {"main_job", "task_brats", "task_targets"} <= set(blocks)
+    assert tables.check() == [], "stale generated tables: run python -m benchmarks tables"
+
+
+def test_a_table_that_disagrees_with_its_record_is_caught(tmp_path, monkeypatch):
+    from benchmarks import tables
+
+    doc = tmp_path / "doc.md"
+    good = "<!-- generated:main_job -->\n" + tables.render("main_job") + "<!-- /generated:main_job -->\n"
+    doc.write_text("intro\n" + good)
+    monkeypatch.setattr(tables, "DOCUMENTS", (doc,))
+    assert tables.check() == []
+    doc.write_text("intro\n" + good.replace("19.71", "19.65"))  # a hand-edited figure
+    assert tables.check() and "main_job" in tables.check()[0]
+    assert tables.update() == [doc] and tables.check() == []

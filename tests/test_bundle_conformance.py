@@ -254,8 +254,9 @@ def test_mlflow_tracks_every_stage(zoo_bundle):
     assert {"loss", "loss_uni", "loss_multi", "confidence_mean"} <= set(stage2.metrics), sorted(stage2.metrics)
     assert stage2.params["precision"] == "fp32" and stage2.params["sampler"] == "ddim"
     history = client.get_metric_history(runs["stage2_diffusion"].info.run_id, "loss")
-    assert stage2.params["max_epochs"] == str(TINY["dm_epochs"])  # the engine's own settings are params too
-    assert len(history) == TINY["dm_epochs"] * int(stage2.params["epoch_length"])  # every iteration is logged
+    epoch_length = int(stage2.params["epoch_length"])
+    assert stage2.params["max_epochs"] == str(-(-TINY["dm_iterations"] // epoch_length))  # the engine's settings too
+    assert len(history) == TINY["dm_iterations"]  # every iteration of the budget is logged
     evaluation = runs["evaluation"]
     assert "methods/damm/all/psnr" in evaluation.data.metrics
     reported = json.loads((zoo_bundle["root"] / "eval" / "evaluation.json").read_text())

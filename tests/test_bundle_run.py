@@ -127,11 +127,11 @@ def _interrupt_at(wf: ConfigWorkflow, trainer_id: str, iteration: int) -> None:
 
 def test_resume_after_interruption(tmp_path, tiny_data):
     root = tmp_path / "bundle"
-    for run_id, trainer_id, epochs_key, ckpt in (
-        ("train_autoencoder", "autoencoder::trainer", "ae_epochs", "autoencoder_checkpoints"),
-        ("train_diffusion", "train::trainer", "dm_epochs", "diffusion_checkpoints"),
+    for run_id, trainer_id, budget_key, ckpt in (
+        ("train_autoencoder", "autoencoder::trainer", "ae_iterations", "autoencoder_checkpoints"),
+        ("train_diffusion", "train::trainer", "dm_iterations", "diffusion_checkpoints"),
     ):
-        extra = {epochs_key: 2}
+        extra = {budget_key: 8}  # two epochs of the tiny split (4 iterations each)
         wf = _workflow(TRAIN, root, tiny_data, run_id=run_id, **extra)
         wf.initialize()
         epoch_length = wf.parser.get_parsed_content(trainer_id).state.epoch_length

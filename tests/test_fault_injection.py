@@ -37,8 +37,8 @@ CONFIGS = REPO / "bundle" / "configs"
 TINY = [
     "--ae_channels", "[8,8,8]", "--dm_channels", "[8,8,8,8]", "--dm_time_embed_dim", "16",
     "--synthetic_args", "{'n': 24, 'size': 32, 'divergent_fraction': 0.3, 'seed': 0}",
-    "--ae_epochs", "2", "--ae_batch_size", "4", "--ae_adversarial_start_iteration", "0", "--ae_val_interval", "1",
-    "--dm_epochs", "3", "--dm_batch_size", "4", "--dm_divergence_aware_start_iteration", "3",
+    "--ae_iterations", "8", "--ae_batch_size", "4", "--ae_adversarial_start_iteration", "0", "--ae_val_interval", "1",
+    "--dm_iterations", "12", "--dm_batch_size", "4", "--dm_divergence_aware_start_iteration", "3",
     "--num_inference_steps", "3", "--eval_num_samples", "2", "--eval_ddpm_items", "2", "--eval_batch_size", "8",
     "--progress", "False",
 ]  # fmt: skip

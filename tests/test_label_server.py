@@ -48,7 +48,7 @@ DAMM_TRAIN = {**TINY_STAGES, "eval_num_samples": 1}
 BRATS_TRAIN = {
     **DAMM_TRAIN,
     "ae_batch_size": 8,
-    "dm_epochs": 1,
+    "dm_iterations": 2,
     "dm_batch_size": 8,
     "dm_divergence_aware_start_iteration": 1,
     "task_eval_branches": ["damm"],

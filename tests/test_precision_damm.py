@@ -43,7 +43,7 @@ TINY = {
     "max_train_items": 8,
     "max_val_items": 2,
     "max_test_items": 4,
-    "dm_epochs": 1,
+    "dm_iterations": 2,
     "dm_divergence_aware_start_iteration": 1,
     "num_inference_steps": 2,
     "eval_num_samples": 0,

@@ -28,12 +28,12 @@ NET = {"ae_channels": [8, 8, 8], "dm_channels": [8, 8, 8, 8], "dm_time_embed_dim
 TINY = {
     **NET,
     "ae_norm_num_groups": 8,
-    "ae_epochs": 1,
+    "ae_iterations": 2,
     "ae_batch_size": 8,
     "ae_adversarial_start_iteration": 0,
     "ae_disc_layers": 2,
     "ae_val_interval": 1,
-    "dm_epochs": 1,
+    "dm_iterations": 2,
     "dm_batch_size": 8,
     "dm_divergence_aware_start_iteration": 1,
     "num_inference_steps": 3,
@@ -199,7 +199,9 @@ def test_training_evaluates_whole_subject_on_input_grid(trained, brats_dir):
     res = json.loads((trained / "eval" / "task" / "task_evaluation.json").read_text())
     assert res["split_mode"] == "slices"
     methods = res["subjects"]["TCGA-DU-7294"]["methods"]
-    assert set(methods) == {"autoencoder_ceiling", "damm", "uni", "unet_baseline"}
+    trivial = {f"copy_{c}_{k}" for c in ("t2", "t1", "t1c") for k in ("linear", "histogram")}
+    assert set(methods) == {"autoencoder_ceiling", "damm", "uni", "unet_baseline", *trivial}
+    assert (models / "trivial_baselines.json").is_file()  # fitted on the training slices before the evaluation
     for rec in methods.values():
         for region in ("brain", "tumour"):  # the held-out slab holds part of the tumour
             assert np.isfinite(rec[region]["psnr"]) and 0 < rec[region]["mae"] < 1 and rec[region]["n_voxels"] > 0
@@ -288,3 +290,29 @@ def test_impute_takes_the_preprocessing_from_the_training_record(trained, brats_
     a = nib.load(str(tmp_path / "a" / "flair.nii.gz")).get_fdata()
     b = nib.load(str(tmp_path / "b" / "flair.nii.gz")).get_fdata()
     np.testing.assert_array_equal(a, b)
+
+
+def test_impute_baselines_on_a_copy(trained, brats_dir, tmp_path):
+    """--method unet / copy_<condition>_<kind> write the file DAMM writes, with the same sidecar keys, clamped."""
+    subj = tmp_path / "TCGA-DU-7294"
+    subj.mkdir()
+    for m in ("t1", "t1c", "t2"):
+        shutil.copy(brats_dir / "TCGA-DU-7294" / f"{m}.nii.gz", subj / f"{m}.nii.gz")
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**NET, "baseline_channels": TINY["baseline_channels"]}.items()]
+    args = [str(subj), "--bundle-root", str(trained), "--config-file", *CONFIG_FILES, "--set", *overrides]
+    sides = {}
+    for method in ("damm", "unet", "copy_t1_histogram"):
+        out = tmp_path / method
+        extra = ["--steps", "2"] if method == "damm" else []
+        assert main([*args, "--method", method, "--output-dir", str(out), *extra]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["flair.json", "flair.nii.gz"]
+        sides[method] = json.loads((out / "flair.json").read_text())
+        assert sides[method]["method"] == method
+        img = nib.load(str(out / "flair.nii.gz"))
+        np.testing.assert_allclose(img.affine, nib.load(str(subj / "t2.nii.gz")).affine)
+        lo, hi = sides[method]["intensity_mapping"]["clamped_to"]
+        data = np.asarray(img.dataobj)
+        assert data.min() >= 0 and data.max() <= np.float32(hi) and data[data > 0].min() >= np.float32(lo)
+    assert set(sides["unet"]) == set(sides["damm"]) == set(sides["copy_t1_histogram"])
+    assert sides["unet"]["model"]["checkpoint"].endswith("baseline_unet.pt") and sides["unet"]["sampler"] is None
+    assert sides["copy_t1_histogram"]["model"]["checkpoint"].endswith("trivial_baselines.json")

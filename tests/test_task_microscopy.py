@@ -23,12 +23,12 @@ TINY = {
     "ae_norm_num_groups": 8,
     "dm_channels": [8, 8, 8, 8],
     "dm_time_embed_dim": 16,
-    "ae_epochs": 1,
+    "ae_iterations": 2,
     "ae_batch_size": 8,
     "ae_adversarial_start_iteration": 0,
     "ae_disc_layers": 2,
     "ae_val_interval": 1,
-    "dm_epochs": 1,
+    "dm_iterations": 2,
     "dm_batch_size": 8,
     "dm_divergence_aware_start_iteration": 1,
     "num_inference_steps": 3,
@@ -141,7 +141,8 @@ def test_training_and_heldout_evaluation(trained):
     res = json.loads((trained / "eval" / "task" / "task_evaluation.json").read_text())
     assert res["split_mode"] == "region"
     methods = res["subjects"]["human"]["methods"]
-    assert set(methods) == {"autoencoder_ceiling", "damm", "uni", "multi", "unet_baseline"}
+    trivial = {f"copy_{c}_{k}" for c in ("dna", "cellbody") for k in ("linear", "histogram")}
+    assert set(methods) == {"autoencoder_ceiling", "damm", "uni", "multi", "unet_baseline", *trivial}
     n = 512 * round(512 * 0.2)
     for rec in methods.values():
         assert rec["heldout"]["n_voxels"] == n

@@ -25,6 +25,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
 
+from damm.losses import diffusion_target, min_snr_weights
 from ddcore.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
@@ -80,6 +81,9 @@ class DAMMDiffusionTrainer(Trainer):
         target_key: the target modality (no default: the data keys come from the config, ``target``).
         condition_keys: the condition modalities, anchor first (the config's ``conditions``).
         divergence_aware_start_iteration: warm-up length in iterations; afterwards the divergence-aware phase.
+        min_snr_gamma: ``> 0``: weight each sample's loss by min-SNR-gamma (:func:`damm.losses.min_snr_weights`);
+            ``0`` (default, the paper): unweighted. The regression target follows the scheduler's
+            ``prediction_type`` (:func:`damm.losses.diffusion_target`: ``epsilon`` or ``v_prediction``).
         grad_clip_norm: optional gradient-norm clipping (the paper has none).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler): autocast
             dtype of the denoiser forward; the loss stays fp32.
@@ -103,6 +107,7 @@ class DAMMDiffusionTrainer(Trainer):
         target_key: str,
         condition_keys: Sequence[str],
         divergence_aware_start_iteration: int = 400,
+        min_snr_gamma: float = 0.0,
         grad_clip_norm: float | None = None,
         precision: str = "fp32",
         epoch_length: int | None = None,
@@ -149,6 +154,9 @@ class DAMMDiffusionTrainer(Trainer):
         self.condition_keys = list(condition_keys)
         self.divergence_aware_start_iteration = int(divergence_aware_start_iteration)
         self.grad_clip_norm = grad_clip_norm
+        if float(min_snr_gamma) < 0:
+            raise ValueError(f"DAMMDiffusionTrainer: min_snr_gamma must be >= 0 (0: off), got {min_snr_gamma}")
+        self.min_snr_gamma = float(min_snr_gamma)
         self.precision = precision
         # not `self.scaler`: MONAI's Trainer.run() overwrites that attribute from its own `amp` flag
         self.grad_scaler = make_grad_scaler(precision, device)
@@ -187,7 +195,11 @@ class DAMMDiffusionTrainer(Trainer):
         with autocast(self.precision, device):
             output = self.inferer.noise_prediction(self.network, z0, conds, noise, timesteps, use_uncertainty=phase_b)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss, logs = self.loss_function(output, noise, divergence_aware=phase_b)
+        scheduler = self.inferer.scheduler
+        target = diffusion_target(scheduler, z0, noise, timesteps)
+        weights = min_snr_weights(scheduler, timesteps, self.min_snr_gamma) if self.min_snr_gamma > 0 else None
+        extra = {} if weights is None else {"weights": weights}
+        loss, logs = self.loss_function(output, target, divergence_aware=phase_b, **extra)
         if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
             # DDP needs every output in the graph of the loss: the confidence (unused in the warm-up) and the
             # gated prediction join with weight 0, so their parameters get zero gradients instead of none

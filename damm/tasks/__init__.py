@@ -14,6 +14,8 @@ writing, evaluation), and share its runners (:func:`~damm.tasks.protocol.evaluat
 - :mod:`damm.tasks.microscopy` (entry points) with :mod:`~damm.tasks.microscopy_files` (field discovery, channel
   reading, tile offsets) and :mod:`~damm.tasks.microscopy_data` (the task data, whole-field prediction).
 - :mod:`damm.tasks.baseline`: the deterministic MONAI ``UNet`` L1-regression baseline.
+- :mod:`damm.tasks.trivial`: trivial baselines (each condition mapped to the target by a Huber line or a quantile
+  mapping, fitted on the training items).
 - :mod:`damm.tasks.metrics`: masked PSNR / SSIM / MAE.
 """
 
@@ -33,4 +35,5 @@ __all__ = [
     "microscopy_data",
     "microscopy_files",
     "protocol",
+    "trivial",
 ]

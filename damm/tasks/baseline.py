@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "build_baseline",
     "load_baseline",
     "save_baseline",
+    "snapshot_path",
     "stack_items",
     "train_baseline",
     "train_baseline_stage",
@@ -110,6 +111,8 @@ def train_baseline(
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    snapshot_at: Sequence[int] = (),
+    on_snapshot: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``net`` by L1 regression (Adam), for ``max_iterations`` or until ``time_budget_s`` is spent.
 
@@ -124,6 +127,9 @@ def train_baseline(
         lr: Adam learning rate.
         seed: seed of the initialisation-independent shuffling.
         device: training device.
+        snapshot_at: iterations after which ``on_snapshot(iteration)`` is called (e.g. to save the network at
+            25 % and 50 % of the budget).
+        on_snapshot: the snapshot callback.
 
     Returns:
         ``{"iterations", "seconds", "final_loss"}`` (loss averaged over the last 20 iterations).
@@ -155,8 +161,12 @@ def train_baseline(
             loss = F.l1_loss(net(xb), yb)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             it += 1
+            if on_snapshot is not None and it in snapshot_at:
+                net.eval()
+                on_snapshot(it)
+                net.train()
             if time.perf_counter() - last_log >= PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 recent = losses[-20:]
@@ -250,6 +260,7 @@ def train_baseline_stage(
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    snapshot_fractions: Sequence[float] = (),
     **net_kwargs: Any,
 ) -> Path:
     """Bundle run id ``train_baseline``: train the UNet on the task's training items and save it (skip if done).
@@ -266,6 +277,8 @@ def train_baseline_stage(
         lr: learning rate.
         seed: seed (initialisation and shuffling).
         device: device.
+        snapshot_fractions: also save the network at these fractions of ``max_iterations``
+            (:func:`snapshot_path`, for quality-against-iterations curves).
         **net_kwargs: :func:`build_baseline` arguments.
 
     Returns:
@@ -277,10 +290,29 @@ def train_baseline_stage(
         return path
     torch.manual_seed(int(seed))
     net = build_baseline(len(conditions), **net_kwargs)
-    stats = train_baseline(net, items, conditions, target, max_iterations, time_budget_s, batch_size, lr, seed, device)
+    at = [round(float(f) * int(max_iterations)) for f in snapshot_fractions] if max_iterations else []
+    stats = train_baseline(
+        net, items, conditions, target, max_iterations, time_budget_s, batch_size, lr, seed, device,
+        snapshot_at=[a for a in at if a > 0],
+        on_snapshot=lambda it: save_baseline(net, snapshot_path(path, it)),
+    )  # fmt: skip
     save_baseline(net, path)
     logger.info(f"UNet baseline written to {path}: {stats}")
     return path
+
+
+def snapshot_path(path: str | Path, iteration: int) -> Path:
+    """Where the baseline's snapshot at ``iteration`` lies: ``<stem>_iteration=<n>.pt`` beside ``path``.
+
+    Args:
+        path: the final baseline checkpoint.
+        iteration: the snapshot's iteration.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}_iteration={int(iteration)}{path.suffix}")
 
 
 def baseline_predictors(

@@ -103,20 +103,24 @@ def synthesise_to_file(
     true_target: str | Path | None = None,
     model_path: str | Path | None = None,
     extra_sidecar: Mapping[str, Any] | None = None,
+    predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    method: str = "damm",
 ) -> Path:
     """Synthesise one subject's target and write it (NIfTI on the input grid) plus a JSON sidecar.
 
     Args:
-        model: the loaded model.
-        inferer: the sampler.
+        model: the loaded model (``None`` with another method's ``predictor``).
+        inferer: the sampler (``None`` with another method's ``predictor``).
         condition_files: ``{condition: path}``.
         out_path: NIfTI destination (the sidecar is ``<stem>.json`` beside it).
         task: task settings (target, conditions, pixdim, orientation, percentiles).
         subject: subject id.
         intensity_reference: ``{"lower", "upper"}`` or the JSON written at training; used unless ``true_target``.
         true_target: the real target file, if any (its intensity range is then used).
-        model_path: checkpoint recorded in the sidecar.
+        model_path: checkpoint recorded in the sidecar (the method's model file).
         extra_sidecar: more sidecar fields.
+        predictor: another method's predictor (UNet, trivial baseline) instead of DAMM.
+        method: the method's name, recorded in the sidecar.
 
     Returns:
         ``out_path``.
@@ -135,6 +139,8 @@ def synthesise_to_file(
         true_target=true_target,
         model_path=model_path,
         extra_sidecar=extra_sidecar,
+        predictor=predictor,
+        method=method,
     )
 
 
@@ -154,6 +160,8 @@ class SubjectInference(TaskInference):
         intensity_reference: JSON written at training (``models/target_intensity.json``).
         model_path: checkpoint path recorded in the sidecar.
         overwrite: replace existing outputs.
+        predictor: another method's predictor (UNet, trivial baseline) instead of DAMM.
+        method: the method's name, recorded in the sidecars.
     """
 
     def __init__(
@@ -166,8 +174,12 @@ class SubjectInference(TaskInference):
         intensity_reference: str | Path | None = None,
         model_path: str | Path | None = None,
         overwrite: bool = False,
+        predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        method: str = "damm",
     ) -> None:
-        super().__init__(model, inferer, output_dir, task, intensity_reference, model_path, overwrite)
+        super().__init__(
+            model, inferer, output_dir, task, intensity_reference, model_path, overwrite, predictor, method
+        )
         self.input_dirs = [Path(p) for p in input_dirs] if input_dirs else None
 
     def jobs(self) -> list[tuple[str, dict[str, Path], Path, dict[str, Any]]]:

@@ -280,6 +280,11 @@ class BraTSTaskData(RealDataTask):
                 if mode == "slices" and split == "test":
                     slices["validation"].append(rec)
             logger.info(f"BraTS task: subject {name} prepared in {time.perf_counter() - t0:.1f} s")
+        if mode == "subjects" and slices["training"] and not slices["validation"]:
+            # no validation subject (e.g. one training subject, one test subject): the autoencoder's validation
+            # monitors a fixed subset of the training slices (reconstruction only; nothing is selected on it)
+            slices["validation"] = slices["training"][:: max(1, len(slices["training"]) // 16)]
+            logger.info("BraTS task: no validation subject; autoencoder validation monitors training slices")
         if not slices["training"]:
             raise ValueError(
                 f"no training slice with a brain fraction >= {self.min_brain_fraction} "

@@ -158,6 +158,10 @@ def to_input_grid(
 ) -> np.ndarray:
     """Map a ``[-1, 1]`` prediction back to the input scale and resample it onto the reference file's voxel grid.
 
+    The prediction is clamped to ``[-1, 1]`` first, so the output lies in ``[lower, upper]`` inside the brain and
+    is 0 outside it: with ``input_brain``, brain voxels at the brain's edge (where the resampling blends in the
+    background) are raised to ``lower``; every value is ``>= 0``.
+
     Args:
         prediction: ``[1, X, Y, Z]`` in pipeline space (with its affine).
         brain: brain mask in pipeline space (outside -> 0).
@@ -168,18 +172,20 @@ def to_input_grid(
         input_brain: optional brain mask on the input grid (outside -> 0).
 
     Returns:
-        ``[X0, Y0, Z0]`` float32 array in the reference's voxel order, ``>= 0``.
+        ``[X0, Y0, Z0]`` float32 array in the reference's voxel order: in ``[lower, upper]`` inside ``input_brain``
+        (in ``[0, upper]`` without it), 0 outside, never below 0.
     """
-    params = {"lower": float(intensity["lower"]), "upper": float(intensity["upper"]), "out_min": -1.0, "out_max": 1.0}
-    vol = denormalise(prediction.as_tensor().float(), params)
+    lower, upper = float(intensity["lower"]), float(intensity["upper"])
+    params = {"lower": lower, "upper": upper, "out_min": -1.0, "out_max": 1.0}
+    vol = denormalise(prediction.as_tensor().float().clamp(-1.0, 1.0), params)
     vol = torch.where(torch.as_tensor(brain) > 0, vol, torch.zeros_like(vol)).clamp_min(0.0)
     meta = {k: v for k, v in prediction.meta.items() if k not in ("affine", "original_affine")}
     img = MetaTensor(vol, affine=prediction.affine, meta=meta)
     dst = reference if isinstance(reference, MetaTensor) else load_image(reference, "reference")
     out = ResampleToMatch(mode="bilinear", padding_mode="zeros")(img, img_dst=dst)
-    arr = torch.as_tensor(out).float().numpy()[0]
+    arr = np.clip(torch.as_tensor(out).float().numpy()[0], 0.0, max(upper, 0.0))
     if input_brain is not None:
-        arr = np.where(np.asarray(input_brain) > 0, arr, 0.0)
+        arr = np.where(np.asarray(input_brain) > 0, np.clip(arr, lower, upper), 0.0)
     return np.clip(arr, 0.0, None).astype(np.float32)
 
 

@@ -290,15 +290,23 @@ def evaluation_methods(
     Args:
         model: the loaded :class:`damm.model.DAMMModel`.
         inferer: the sampler; copied per branch.
-        branches: DAMM branches to evaluate.
+        branches: DAMM branches to evaluate: ``damm``, ``uni``, ``multi``, or ``<branch>_mean<K>`` for the mean of
+            ``K`` samples (e.g. ``damm_mean4``).
         extra_predictors: other methods ``{name: predictor}``.
 
     Returns:
         ``{method name: predictor or None}`` in evaluation order.
+
+    Raises:
+        ValueError: an unknown branch name.
     """
     methods: dict[str, Any] = {"autoencoder_ceiling": None}
     for b in branches:
-        methods[b] = DAMMPredictor(model, inferer.replace(branch=b, num_samples=1))
+        branch, _, k = str(b).partition("_mean")  # "damm_mean4": the mean of 4 samples of the gated prediction
+        samples = int(k) if k else 1
+        if samples < 1 or branch not in ("damm", "uni", "multi"):
+            raise ValueError(f"evaluation branch {b!r}: expected damm, uni or multi, optionally with _mean<K>")
+        methods[b] = DAMMPredictor(model, inferer.replace(branch=branch, num_samples=samples))
     methods.update(dict(extra_predictors or {}))
     return methods
 

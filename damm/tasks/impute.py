@@ -1,6 +1,14 @@
 """Missing-modality command: synthesise a subject's absent MRI modality with a trained BraTS task bundle.
 
-``python -m damm.tasks.impute SUBJECT_DIR [--bundle-root DIR] [--output-dir DIR] [--steps N] [--seed S]``
+``python -m damm.tasks.impute SUBJECT_DIR [--method damm|unet|copy_<cond>_<linear|histogram>] [--bundle-root DIR]
+[--output-dir DIR] [--steps N] [--seed S]``
+
+``--method`` picks the synthesis: ``damm`` (default, ``models/model.pt``), ``unet`` (the MONAI UNet baseline,
+the config's ``baseline_path``, made by the bundle run id ``train_baseline``) or ``copy_<condition>_<kind>`` (a
+trivial baseline: that condition's intensities mapped onto the target's, linear or histogram, from the config's
+``trivial_path``, made by ``fit_trivial``; see :mod:`damm.tasks.trivial`). Every method writes the same file with
+the same sidecar (its ``method`` field names it; the sampler fields are ``null`` for the baselines), and only the
+chosen method's model file is read.
 
 The bundle root (``--bundle-root``; default ``$DAMM_BUNDLE_ROOT``, else ``./bundle`` when it exists, else ``.``)
 holds ``models/model.pt`` and ``models/target_intensity.json``, and its ``configs/train.json`` +
@@ -11,7 +19,8 @@ the installed source tree, so the command works the same from a wheel and from a
 The subject folder may use any naming scheme of :mod:`damm.tasks.brats_files` (BraTS 2021 ``*_t1ce``, BraTS 2023
 ``*-t2f``, plain ``flair.nii.gz``); the result is written under that scheme's file name for the target modality,
 beside the other files (or into ``--output-dir``), as NIfTI on the subject's own voxel grid, with a JSON sidecar
-(``<name>.json``: model checkpoint and hash, sampler, steps, seed, intensity mapping, branch statistics).
+(``<name>.json``: method, model checkpoint and hash, sampler, steps, seed, intensity mapping (with the range the
+output is clamped to), branch statistics).
 
 Everything is checked before the model is loaded: the source modalities exist and share one voxel grid, and the
 output file does not exist. An existing file is never replaced unless ``--overwrite`` is given (the message says
@@ -29,12 +38,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_ROOT_ENV", "CONFIG_NAMES", "bundle_config_files", "default_bundle_root", "impute", "main"]
+__all__ = [
+    "BUNDLE_ROOT_ENV",
+    "CONFIG_NAMES",
+    "MAKES",
+    "bundle_config_files",
+    "default_bundle_root",
+    "impute",
+    "main",
+    "method_names",
+]
 
 #: environment variable naming the default bundle root.
 BUNDLE_ROOT_ENV = "DAMM_BUNDLE_ROOT"
 #: the configs merged, in order, from ``<bundle root>/configs``.
 CONFIG_NAMES = ("common.json", "train.json", "task_brats.json")
+#: how a missing model file of a method is made (bundle run id).
+MAKES = {"damm": "training", "unet": "train_baseline", "copy": "fit_trivial"}
+
+
+def method_names(conditions: Sequence[str]) -> list[str]:
+    """The ``--method`` values for a model with these conditions.
+
+    Args:
+        conditions: the model's conditions.
+
+    Returns:
+        ``["damm", "unet", "copy_<condition>_linear", "copy_<condition>_histogram", ...]``.
+    """
+    from damm.tasks.trivial import KINDS
+
+    return ["damm", "unet", *(f"copy_{c}_{k}" for c in conditions for k in KINDS)]
 
 
 def default_bundle_root() -> Path:
@@ -130,8 +164,9 @@ def impute(
     seed: int | None = None,
     branch: str = "damm",
     num_samples: int = 1,
+    method: str = "damm",
 ) -> Path:
-    """Synthesise the configured target modality of one subject.
+    """Synthesise the configured target modality of one subject with DAMM or a baseline.
 
     Args:
         subject_dir: the subject's folder.
@@ -140,7 +175,8 @@ def impute(
         config_files: bundle configs, merged in order (default: :func:`bundle_config_files` of ``bundle_root``).
         output_dir: where to write (default: the subject folder).
         overwrite: replace an existing output file.
-        model_path: checkpoint (default: the config's ``model_path``).
+        model_path: the method's model file (default: the config's ``model_path`` for DAMM, ``baseline_path`` for
+            the UNet, ``trivial_path`` (else ``<ckpt_dir>/trivial_baselines.json``) for the trivial baselines).
         intensity_range: ``(lower, upper)`` input intensities for ``-1``/``1`` (default: the training reference).
         overrides: other config entries (e.g. ``{"task_pixdim": [2, 2, 2]}``). The preprocessing the model was
             trained with (target, conditions, ``task_pixdim``, ``task_axcodes``, ``task_lower``, ``task_upper``) is
@@ -151,12 +187,15 @@ def impute(
         seed: sampling seed (default: the config's).
         branch: ``"damm"``, ``"uni"`` or ``"multi"``.
         num_samples: K samples averaged.
+        method: ``"damm"``, ``"unet"`` or ``"copy_<condition>_<linear|histogram>"`` (:func:`method_names`); the
+            sampler settings apply to ``"damm"`` only.
 
     Returns:
         The written NIfTI path.
 
     Raises:
-        FileNotFoundError: missing folder, configs, model or reference.
+        FileNotFoundError: missing folder, configs, model (the message names the run id that makes it) or
+            reference.
         FileExistsError: the output exists and ``overwrite`` is false.
         ValueError: missing source modalities, modalities not co-registered, bad settings.
     """
@@ -175,6 +214,13 @@ def impute(
     _apply_training_record(parser, dict(overrides or {}))
     target = parser.get_parsed_content("target")
     conditions = list(parser.get_parsed_content("conditions"))
+    if method not in method_names(conditions):
+        raise ValueError(f"unknown --method {method!r}; expected one of {method_names(conditions)}")
+    sampling = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed}
+    given = [k for k, v in sampling.items() if v is not None]
+    given += (["branch"] if branch != "damm" else []) + (["num_samples"] if int(num_samples) != 1 else [])
+    if method != "damm" and given:
+        raise ValueError(f"sampling settings {given} apply to --method damm only, not {method!r}")
     files = info["files"]
     missing = [k for k in conditions if k not in files]
     if missing:
@@ -188,9 +234,16 @@ def impute(
     if out_path.exists() and not overwrite:
         what = "an earlier synthesis" if _is_synthetic(out_path) else f"a real {target} acquisition"
         raise FileExistsError(f"{out_path} exists ({what}); refusing to overwrite it without --overwrite")
-    model_path = Path(model_path) if model_path is not None else Path(parser.get_parsed_content("model_path"))
+    kind = method.split("_", 1)[0]
+    if model_path is None:
+        model_path = _method_file(parser, kind)
+    model_path = Path(model_path)
     if not model_path.is_file():
-        raise FileNotFoundError(f"model checkpoint '{model_path}' not found; train the task bundle first")
+        what = {"damm": "model checkpoint", "unet": "UNet baseline", "copy": "trivial baselines"}[kind]
+        raise FileNotFoundError(
+            f"{what} '{model_path}' not found; make it with the bundle run id {MAKES[kind]} (python -m monai.bundle "
+            f'run {MAKES[kind]} --bundle_root {bundle_root} --config_file "{[str(c) for c in config_files]}")'
+        )
     if intensity_range is not None:
         lo, hi = (float(v) for v in intensity_range)
         if not hi > lo:
@@ -203,9 +256,24 @@ def impute(
                 f"intensity reference '{reference}' not found (written when the task is trained); pass "
                 "--intensity-range LOWER UPPER"
             )
+    task = parser.get_parsed_content("task#data")
+    sidecar = {"subject": info["subject"], "naming_scheme": info["scheme"]}
+    if kind != "damm":
+        return synthesise_to_file(
+            None,
+            None,
+            {k: files[k] for k in conditions},
+            out_path,
+            task,
+            subject=info["subject"],
+            intensity_reference=reference,
+            model_path=model_path,
+            extra_sidecar=sidecar,
+            predictor=_baseline_predictor(parser, method, model_path, conditions, target),
+            method=method,
+        )
     from damm.model import load_model
 
-    task = parser.get_parsed_content("task#data")
     model = load_model(parser.get_parsed_content("network"), model_path)
     changes: dict[str, Any] = {"branch": branch, "num_samples": int(num_samples)}
     if sampler is not None:
@@ -228,8 +296,33 @@ def impute(
         subject=info["subject"],
         intensity_reference=reference,
         model_path=model_path,
-        extra_sidecar={"subject": info["subject"], "naming_scheme": info["scheme"]},
+        extra_sidecar=sidecar,
+        method="damm",
     )
+
+
+def _method_file(parser: Any, kind: str) -> Path:
+    """The default model file of a method kind (``damm``, ``unet``, ``copy``) from the config."""
+    if kind == "damm":
+        return Path(parser.get_parsed_content("model_path"))
+    if kind == "unet":
+        return Path(parser.get_parsed_content("baseline_path"))
+    if "trivial_path" in parser:
+        return Path(parser.get_parsed_content("trivial_path"))
+    return Path(parser.get_parsed_content("ckpt_dir")) / "trivial_baselines.json"
+
+
+def _baseline_predictor(parser: Any, method: str, path: Path, conditions: list[str], target: str) -> Any:
+    """The predictor of a baseline method (``unet`` or ``copy_<condition>_<kind>``), read from ``path``."""
+    if method == "unet":
+        from damm.tasks.baseline import baseline_predictors
+
+        batch = int(parser.get_parsed_content("eval_batch_size")) if "eval_batch_size" in parser else 32
+        channels = parser.get_parsed_content("baseline_channels")
+        return baseline_predictors(path, len(conditions), batch, channels=channels)["unet_baseline"]
+    from damm.tasks.trivial import trivial_predictors
+
+    return trivial_predictors(path, conditions, target=target)[method]
 
 
 def _value(text: str) -> Any:
@@ -256,6 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("subject_dir", help="subject folder (BraTS 2021, BraTS 2023 or plain file names)")
     parser.add_argument(
+        "--method",
+        default="damm",
+        help="damm, unet (the UNet baseline) or copy_<condition>_<linear|histogram> (a trivial baseline, e.g. "
+        "copy_t2_histogram)",
+    )
+    parser.add_argument(
         "--bundle-root",
         default=None,
         help=f"bundle root with models/model.pt and configs/ (default: ${BUNDLE_ROOT_ENV}, else ./bundle, else .)",
@@ -265,7 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", default=None, help="output folder (default: the subject folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
-    parser.add_argument("--model", default=None, help="checkpoint (default: BUNDLE_ROOT/models/model.pt)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the method's model file (default: BUNDLE_ROOT/models/model.pt, baseline_unet.pt or "
+        "trivial_baselines.json)",
+    )
     parser.add_argument("--intensity-range", nargs=2, type=float, default=None, metavar=("LOWER", "UPPER"))
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps")
@@ -299,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             args.branch,
             args.num_samples,
+            args.method,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"error: {err}\n")

@@ -111,12 +111,14 @@ def synthesise_field_to_file(
     sw_batch_size: int = 16,
     model_path: str | Path | None = None,
     overwrite: bool = False,
+    predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    method: str = "damm",
 ) -> Path:
     """Whole-field synthesis written as TIFF of the input size and dtype, with a JSON sidecar.
 
     Args:
-        model: the loaded model.
-        inferer: the sampler.
+        model: the loaded model (``None`` with another method's ``predictor``).
+        inferer: the sampler (``None`` with another method's ``predictor``).
         condition_files: ``{condition: path}``.
         out_path: TIFF destination (the sidecar is ``<stem>.json``).
         task: task settings.
@@ -126,6 +128,8 @@ def synthesise_field_to_file(
         sw_batch_size: windows per sampler call.
         model_path: recorded in the sidecar.
         overwrite: replace an existing output.
+        predictor: another method's predictor (UNet, trivial baseline) instead of DAMM.
+        method: the method's name, recorded in the sidecar.
 
     Returns:
         ``out_path``.
@@ -145,6 +149,8 @@ def synthesise_field_to_file(
         true_target=true_target,
         model_path=model_path,
         overwrite=overwrite,
+        predictor=predictor,
+        method=method,
         overlap=overlap,
         sw_batch_size=sw_batch_size,
     )
@@ -163,6 +169,8 @@ class FieldInference(TaskInference):
         overlap: window overlap.
         sw_batch_size: windows per sampler call.
         overwrite: replace existing outputs.
+        predictor: another method's predictor (UNet, trivial baseline) instead of DAMM.
+        method: the method's name, recorded in the sidecars.
     """
 
     def __init__(
@@ -176,6 +184,8 @@ class FieldInference(TaskInference):
         overlap: float = 0.25,
         sw_batch_size: int = 16,
         overwrite: bool = False,
+        predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        method: str = "damm",
     ) -> None:
         super().__init__(
             model,
@@ -185,6 +195,8 @@ class FieldInference(TaskInference):
             intensity_reference,
             model_path,
             overwrite,
+            predictor,
+            method,
             overlap=overlap,
             sw_batch_size=sw_batch_size,
         )

@@ -154,6 +154,8 @@ class MicroscopyTaskData(RealDataTask):
         seed: field split seed.
         multiple: tile sizes must be divisible by this (model downsampling).
         reference_path: where to write the target's training intensity reference.
+        test_fields: field split with these fields as the test fields and every other field training (e.g. train
+            on one field, evaluate the whole other field); ``None``: the split of ``split_mode``.
 
     Raises:
         ValueError: invalid settings.
@@ -181,6 +183,7 @@ class MicroscopyTaskData(RealDataTask):
         seed: int = 0,
         multiple: int = 16,
         reference_path: str | Path | None = None,
+        test_fields: Sequence[str] | None = None,
     ) -> None:
         if split_mode not in ("auto", "region", "fields"):
             raise ValueError(f"split_mode must be 'auto', 'region' or 'fields', got {split_mode!r}")
@@ -202,6 +205,9 @@ class MicroscopyTaskData(RealDataTask):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.multiple = int(multiple)
         self.reference_path = None if reference_path is None else Path(reference_path)
+        self.test_fields = None if test_fields is None else [str(f) for f in test_fields]
+        if self.test_fields is not None:
+            self.split_mode = "fields"
         self._fields: dict[str, dict[str, Any]] | None = None
         self._items = None
 
@@ -224,7 +230,15 @@ class MicroscopyTaskData(RealDataTask):
         }
         if not found:
             raise ValueError(f"{self.dataset_dir}: no field has all channels {self.modalities}")
-        if self.resolved_split_mode(len(found)) == "fields":
+        if self.test_fields is not None:
+            unknown = sorted(set(self.test_fields) - set(found))
+            if unknown or len(self.test_fields) >= len(found):
+                raise ValueError(
+                    f"task_test_fields {self.test_fields}: expected some (not all) of the fields {sorted(found)}"
+                )
+            for f in found:
+                found[f]["split"] = "test" if f in self.test_fields else "training"
+        elif self.resolved_split_mode(len(found)) == "fields":
             from ddcore.datalist import assign_splits
 
             split_of = assign_splits(sorted(found), self.val_fraction, self.test_fraction, self.seed)
@@ -369,6 +383,8 @@ class MicroscopyTaskData(RealDataTask):
                     tiles["validation"].append(rec)
         if not tiles["training"]:
             raise ValueError("microscopy task: no training tile")
+        if not tiles["validation"]:  # no validation field: the autoencoder's validation monitors training tiles
+            tiles["validation"] = tiles["training"][:: max(1, len(tiles["training"]) // 16)]
         if self.reference_path is not None and ref:
             write_intensity_reference(self.reference_path, self.target, ref)
         logger.info("microscopy task tiles: " + ", ".join(f"{k}={len(v)}" for k, v in tiles.items()))
@@ -402,10 +418,18 @@ class MicroscopyTaskData(RealDataTask):
         sw_batch_size: int = 16,
         **options: Any,
     ) -> np.ndarray:
-        """:func:`predict_field` over the whole (prepared) field, mapped to the input scale and dtype."""
+        """:func:`predict_field` over the whole (prepared) field (clamped to ``[-1, 1]``), mapped to the input scale
+        and dtype: within ``[lower, upper]`` (for an integer dtype, the integers within it)."""
         keys = [self.target] if use_target else self.conditions
         pred = predict_field(predictor, [prepared.images[k] for k in keys], self.tile_size, overlap, sw_batch_size)
-        return to_input_scale(pred[0], intensity, prepared.meta["dtype"])
+        out = to_input_scale(pred[0], intensity, prepared.meta["dtype"])
+        lo, hi = float(intensity["lower"]), float(intensity["upper"])
+        if np.issubdtype(out.dtype, np.integer):
+            info = np.iinfo(out.dtype)
+            if np.ceil(lo) <= np.floor(hi):  # rounding must not step out of the stated range
+                lo, hi = np.ceil(lo), np.floor(hi)
+            lo, hi = min(max(lo, info.min), info.max), min(max(hi, info.min), info.max)
+        return np.clip(out, np.asarray(lo).astype(out.dtype), np.asarray(hi).astype(out.dtype))
 
     def write(self, array: np.ndarray, prepared: PreparedField, path: str | Path) -> Path:
         """TIFF of the input size and dtype."""
@@ -456,7 +480,7 @@ class MicroscopyTaskData(RealDataTask):
                 files=dict(files),
                 prepared=prep,
                 truth=truth,
-                regions={"heldout": mask},
+                regions={"heldout" if x0 is not None else "field": mask},  # whole field under the field split
                 intensity=tp,
                 output=f"{name.replace('/', '_')}/{{method}}_{self.target}_x{start}.tif",
                 axis=None,

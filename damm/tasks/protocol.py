@@ -225,14 +225,21 @@ def synthesise_to_file(
     model_path: str | Path | None = None,
     extra_sidecar: Mapping[str, Any] | None = None,
     overwrite: bool = True,
+    predictor: Predictor | None = None,
+    method: str = "damm",
     **options: Any,
 ) -> Path:
     """Synthesise one unit's target, write it in the input's format and geometry, and a JSON sidecar beside it.
 
+    Any method writes the same output and sidecar: DAMM (the default, ``predictor=None``: the model sampled with
+    ``inferer``) or any other predictor (the UNet baseline, a trivial baseline); for those the sampler fields of
+    the sidecar (``sampler``, ``steps``, ``seed``, ``branch_statistics``) are ``null``. The output is clamped to
+    the intensity range the sidecar states (``intensity_mapping.clamped_to``; outside the brain 0 for BraTS).
+
     Args:
         task: the task.
-        model: the loaded model.
-        inferer: the sampler.
+        model: the loaded model (DAMM; unused when ``predictor`` is given).
+        inferer: the sampler (DAMM; unused when ``predictor`` is given).
         condition_files: ``{condition: path}``.
         out_path: destination (the sidecar is ``<stem>.json`` beside it).
         name: unit id.
@@ -241,6 +248,8 @@ def synthesise_to_file(
         model_path: checkpoint recorded in the sidecar.
         extra_sidecar: more sidecar fields.
         overwrite: replace an existing output.
+        predictor: another method's predictor (``[B, n_cond, H, W] -> [B, 1, H, W]``), instead of DAMM.
+        method: the method's name, recorded in the sidecar (``"damm"``, ``"unet"``, ``"copy_t2_linear"``...).
         options: the task's prediction options (e.g. sliding-window ``overlap``).
 
     Returns:
@@ -250,6 +259,8 @@ def synthesise_to_file(
         FileExistsError: the output exists and ``overwrite`` is false.
         ValueError: bad inputs or no intensity reference.
     """
+    if predictor is None and (model is None or inferer is None):
+        raise ValueError(f"synthesise_to_file: method {method!r} needs a model and an inferer, or a predictor")
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"output {out_path} exists; pass overwrite=True to replace it")
@@ -259,21 +270,30 @@ def synthesise_to_file(
         files[task.target] = true_target
     prepared = task.prepare(files, name)
     intensity, source = resolve_intensity(task, prepared, intensity_reference)
-    predictor = DAMMPredictor(model, inferer)
+    sampled = predictor is None or isinstance(predictor, DAMMPredictor)
+    if predictor is None:
+        predictor = DAMMPredictor(model, inferer)
+    sampler = predictor.inferer if isinstance(predictor, DAMMPredictor) else None
     task.write(task.predict(prepared, predictor, intensity, **options), prepared, out_path)
+    lo, hi = float(intensity["lower"]), float(intensity["upper"])
     sidecar = {
         "generated_by": task.generated_by,
         "synthetic": True,
+        "method": method,
         "target": task.target,
         "conditions": task.conditions,
         "inputs": {k: str(Path(v).resolve()) for k, v in condition_files.items()},
         "model": model_fingerprint(model_path),
-        "sampler": inferer.settings(),
-        "steps": inferer.num_inference_steps,
-        "seed": inferer.seed,
+        "sampler": sampler.settings() if sampled else None,
+        "steps": sampler.num_inference_steps if sampled else None,
+        "seed": sampler.seed if sampled else None,
         **task.sidecar_settings(**options),
-        "intensity_mapping": {**{k: float(v) for k, v in intensity.items()}, "source": source},
-        "branch_statistics": predictor.summary(),
+        "intensity_mapping": {
+            **{k: float(v) for k, v in intensity.items()},
+            "source": source,
+            "clamped_to": [lo, hi],
+        },
+        "branch_statistics": predictor.summary() if sampled else None,
         "seconds": time.perf_counter() - t0,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **dict(extra_sidecar or {}),
@@ -374,6 +394,8 @@ class TaskInference:
         intensity_reference: JSON written at training (``models/target_intensity.json``).
         model_path: checkpoint path recorded in the sidecars.
         overwrite: replace existing outputs.
+        predictor: another method's predictor instead of DAMM (``model`` and ``inferer`` may then be ``None``).
+        method: the method's name for the sidecars.
         options: the task's prediction options.
     """
 
@@ -386,6 +408,8 @@ class TaskInference:
         intensity_reference: str | Path | None = None,
         model_path: str | Path | None = None,
         overwrite: bool = False,
+        predictor: Predictor | None = None,
+        method: str = "damm",
         **options: Any,
     ) -> None:
         self.model, self.inferer, self.task = model, inferer, task
@@ -393,6 +417,7 @@ class TaskInference:
         self.intensity_reference = intensity_reference
         self.model_path = model_path
         self.overwrite = overwrite
+        self.predictor, self.method = predictor, method
         self.options = options
 
     def jobs(self) -> list[tuple[str, dict[str, Path], Path, dict[str, Any]]]:
@@ -435,6 +460,8 @@ class TaskInference:
                 model_path=self.model_path,
                 extra_sidecar=extra,
                 overwrite=self.overwrite,
+                predictor=self.predictor,
+                method=self.method,
                 **self.options,
             )
             for name, files, out, extra in jobs
