@@ -68,24 +68,29 @@ def physical_cores() -> int:
 
 
 def set_num_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op CPU threads (the bundle's ``num_threads``; ``None`` or ``0``: :func:`physical_cores`).
+    """Set torch's intra-op CPU threads (the bundle's ``num_threads``).
 
-    On a busy machine fewer threads than cores is faster: with 2 threads on a loaded 2-core machine training ran
-    2-13x slower than with 1 (OpenMP spin-waits), so pass ``--num_threads 1`` there.
+    ``0`` (or ``None``) keeps torch's default: ``OMP_NUM_THREADS`` when it is set, else the physical cores
+    (:func:`physical_cores`), so a caller that pinned the threads (a test, a job scheduler) is not overridden. On a
+    busy machine fewer threads than cores is faster: with 2 threads on a loaded 2-core machine training ran 2-13x
+    slower than with 1 (OpenMP spin-waits), so pass ``--num_threads 1`` there.
 
     Args:
         num_threads: threads, ``>= 0``.
 
     Returns:
-        The number set.
+        The number in use.
 
     Raises:
         ValueError: a negative value.
     """
-    n = physical_cores() if num_threads in (None, 0) else int(num_threads)
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 0 (0: the physical cores), got {num_threads}")
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    if num_threads in (None, 0):
+        n = torch.get_num_threads()
+    else:
+        n = int(num_threads)
+        if n < 1:
+            raise ValueError(f"num_threads must be >= 0 (0: torch's default, the physical cores), got {num_threads}")
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
     logger.debug(f"torch CPU threads: {n}")
     return n
