@@ -22,7 +22,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["Snapshots", "WeightEMA", "ema_decay_at"]
+__all__ = ["EMAUpdate", "Snapshots", "WeightEMA", "ema_decay_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,16 @@ class WeightEMA:
 
     Args:
         network: the trained module (the raw denoiser, not a DDP wrapper).
-        decay: target decay (``0`` disables the average: :attr:`enabled` is false and nothing is updated).
+        decay: target decay (``0`` or ``None`` disables the average: :attr:`enabled` is false and nothing is
+            updated; the bundle's ``dm_ema_decay``).
         update_every: update once every this many iterations.
 
     Raises:
         ValueError: a decay outside ``[0, 1)`` or ``update_every < 1``.
     """
 
-    def __init__(self, network: nn.Module, decay: float = 0.999, update_every: int = 1) -> None:
+    def __init__(self, network: nn.Module, decay: float | None = None, update_every: int = 1) -> None:
+        decay = 0.0 if decay is None else decay
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"dm_ema_decay must lie in [0, 1), got {decay}")
         if int(update_every) < 1:
@@ -123,6 +125,26 @@ class WeightEMA:
         target = self.network if network is None else network
         target.load_state_dict(copy.deepcopy(self.averaged.module.state_dict()))
         return True
+
+
+class EMAUpdate:
+    """Train handler that updates a :class:`WeightEMA` after each iteration (the config's handler entry; the
+    average itself is defined once, ``train#ema``, and also saved in the checkpoint).
+
+    Args:
+        ema: the average.
+    """
+
+    def __init__(self, ema: WeightEMA) -> None:
+        self.ema = ema
+
+    def attach(self, engine: Engine) -> None:
+        """Register the update with ``engine``.
+
+        Args:
+            engine: the trainer.
+        """
+        self.ema.attach(engine)
 
 
 class Snapshots:
