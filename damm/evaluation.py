@@ -194,6 +194,9 @@ def evaluate_model(
             gate = res.gate_choices.float().mean(dim=(1, 2)).numpy()
             rec["gated_multi_fraction"] = summarise({"f": gate}, flags)
             rec["gated_multi_fraction"] = {s: v["f"] for s, v in rec["gated_multi_fraction"].items()}
+        if branch == "damm" and res.sample_choices is not None:  # the gate's decision per sample, by subset
+            per = summarise({"f": res.sample_choices.float().mean(dim=1).numpy()}, flags)
+            rec["multi_sample_fraction"] = {s: v["f"] for s, v in per.items()}
         methods[branch] = rec
         predictions[branch] = res.prediction
         if branch == "damm" and res.confidence_map is not None:
@@ -268,19 +271,20 @@ def format_table(results: Mapping[str, Any]) -> str:
     head = ["method"]
     for metric in ("PSNR", "SSIM", "MAE"):
         head += [f"{metric} {s}" if split else metric for s in subsets]
-    head += ["steps gated to multi (cons/div)" if split else "steps gated to multi", "time s"]
+    head += ["steps gated to multi (cons/div)" if split else "steps gated to multi"]
+    head += ["samples gated to multi (cons/div)" if split else "samples gated to multi", "time s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rec in methods.items():
         row = [name]
         for metric, fmt in (("psnr", "{:.2f}"), ("ssim", "{:.4f}"), ("mae", "{:.4f}")):
             row += [fmt.format(rec[s][metric]) if s in rec else "" for s in subsets]
-        g = rec.get("gated_multi_fraction")
-        if g is None:
-            row.append("")
-        elif split:
-            row.append(f"{g['consistent']:.2f} / {g['divergent']:.2f}")
-        else:
-            row.append(f"{g['all']:.2f}")
+        for g in (rec.get("gated_multi_fraction"), rec.get("multi_sample_fraction")):
+            if g is None:
+                row.append("")
+            elif split:
+                row.append(f"{g['consistent']:.2f} / {g['divergent']:.2f}")
+            else:
+                row.append(f"{g['all']:.2f}")
         row.append(f"{rec['seconds']:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     n = results["n_items"]

@@ -4,7 +4,11 @@
 latent space with MONAI's ``DDPMScheduler`` (the paper: all 1000 steps) or ``DDIMScheduler`` (``N`` steps, ``eta``),
 lets the denoiser's DAMMP gate pick the uni- or multi-modal noise prediction at every step (or forces one branch),
 and decodes with the target autoencoder. It draws ``K`` samples per input (mean and per-pixel standard deviation),
-is seeded, and also returns the UAFM confidence map and the per-step branch choices.
+is seeded, and also returns the UAFM confidence map, the per-step branch choices and one decision per sample.
+
+The gating decision (``gate_decision``): ``"per_step"`` (the paper) compares ``c`` with ``gamma`` at every step;
+``"per_sample"`` decides once per sample from ``c`` averaged over the first ``gate_decision_steps`` steps (during
+those steps the running mean of ``c`` so far decides) and keeps that branch for every later step.
 
 ``network`` is a :class:`damm.model.DAMMModel` (the autoencoders of every modality plus the denoiser) or any
 object with the same attributes (``autoencoders``, ``denoiser``, ``target``, ``conditions``), so that
@@ -30,9 +34,10 @@ from torch import nn
 from ddcore.device import module_device
 from ddcore.precision import autocast, canonical_precision, check_precision
 
-__all__ = ["BRANCHES", "DAMMInferer", "DAMMSampleOutput"]
+__all__ = ["BRANCHES", "GATE_DECISIONS", "DAMMInferer", "DAMMSampleOutput"]
 
 BRANCHES = ("damm", "uni", "multi")
+GATE_DECISIONS = ("per_step", "per_sample")
 
 
 @dataclass
@@ -47,10 +52,13 @@ class DAMMSampleOutput:
             ``[B, 1, *spatial]`` (``None`` for ``branch="uni"``, which does not run the fusion).
         confidence: confidence ``c`` per input, sample and step, ``[B, K, S]`` (``None`` for ``branch="uni"``).
         branch_choices: the branch used at every step, ``True`` = multi-modal, ``[B, K, S]`` (bool).
-        gate_choices: what the DAMMP gate chose (``c >= gamma``) at every step, ``[B, K, S]``, whatever branch was
-            forced (``None`` for ``branch="uni"``).
+        gate_choices: what the DAMMP gate chose at every step (``c >= gamma``, or the per-sample decision under
+            ``gate_decision="per_sample"``), ``[B, K, S]``, whatever branch was forced (``None`` for ``branch="uni"``).
         timesteps: the S timesteps visited, in order.
-        settings: branch, sampler, steps, eta, K, seed, precision.
+        settings: branch, sampler, steps, eta, K, seed, precision, gate decision.
+        sample_choices: the gate's decision per sample, ``True`` = multi-modal, ``[B, K]``: under ``per_sample`` the
+            one decision, under ``per_step`` whether at least half of the steps were gated to multi (``None`` for
+            ``branch="uni"``).
     """
 
     prediction: torch.Tensor
@@ -62,13 +70,15 @@ class DAMMSampleOutput:
     gate_choices: torch.Tensor | None
     timesteps: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
+    sample_choices: torch.Tensor | None = None
 
     def statistics(self) -> list[dict[str, Any]]:
         """Per-input branch statistics for sidecars and reports.
 
         Returns:
-            One dict per input: fraction of steps that used / were gated to the multi-modal branch, mean confidence,
-            and the per-step choice of the first sample (``"m"``/``"u"`` string, first step first).
+            One dict per input: fraction of steps that used / were gated to the multi-modal branch, fraction of its K
+            samples the gate sent to multi (``multi_sample_fraction``), mean confidence, and the per-step choice of
+            the first sample (``"m"``/``"u"`` string, first step first).
         """
         stats = []
         for i in range(self.prediction.shape[0]):
@@ -78,6 +88,8 @@ class DAMMSampleOutput:
             }
             if self.gate_choices is not None:
                 rec["gated_multi_fraction"] = float(self.gate_choices[i].float().mean())
+            if self.sample_choices is not None:
+                rec["multi_sample_fraction"] = float(self.sample_choices[i].float().mean())
             if self.confidence is not None:
                 rec["confidence_mean"] = float(self.confidence[i].mean())
             stats.append(rec)
@@ -103,10 +115,12 @@ class DAMMInferer(Inferer):
         keep_samples: keep the K individual samples in the output.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the denoiser and
             autoencoder passes. The name is checked here, the device when sampling (before any work).
+        gate_decision: ``"per_step"`` (the paper) or ``"per_sample"`` (see the module docstring).
+        gate_decision_steps: steps whose mean ``c`` makes the per-sample decision (at most all steps).
 
     Raises:
-        ValueError: for an unknown ``sampler``/``branch``/``precision``, ``num_samples < 1`` or DDPM with fewer
-            steps.
+        ValueError: for an unknown ``sampler``/``branch``/``precision``/``gate_decision``, ``num_samples < 1``,
+            ``gate_decision_steps < 1`` or DDPM with fewer steps.
     """
 
     def __init__(
@@ -123,6 +137,8 @@ class DAMMInferer(Inferer):
         progress: bool = True,
         keep_samples: bool = False,
         precision: str = "fp32",
+        gate_decision: str = "per_step",
+        gate_decision_steps: int = 10,
     ) -> None:
         super().__init__()
         # the name now (no device yet: fp16 is accepted here and refused at sampling time off CUDA)
@@ -133,6 +149,10 @@ class DAMMInferer(Inferer):
             raise ValueError(f"DAMMInferer: branch must be one of {BRANCHES}, got {branch!r}")
         if int(num_samples) < 1:
             raise ValueError(f"DAMMInferer: num_samples must be >= 1, got {num_samples}")
+        if gate_decision not in GATE_DECISIONS:
+            raise ValueError(f"DAMMInferer: gate_decision must be one of {GATE_DECISIONS}, got {gate_decision!r}")
+        if int(gate_decision_steps) < 1:
+            raise ValueError(f"DAMMInferer: gate_decision_steps must be >= 1, got {gate_decision_steps}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"DAMMInferer: batch_size must be >= 1 or None, got {batch_size}")
         self.scheduler = scheduler
@@ -159,6 +179,8 @@ class DAMMInferer(Inferer):
         self.progress = progress
         self.keep_samples = keep_samples
         self.precision = precision
+        self.gate_decision = gate_decision
+        self.gate_decision_steps = int(gate_decision_steps)
 
     def check_device(self, device: torch.device | str) -> None:
         """Check that ``precision`` can run on ``device`` (called before sampling starts).
@@ -229,6 +251,8 @@ class DAMMInferer(Inferer):
             "num_samples": self.num_samples,
             "seed": self.seed,
             "precision": self.precision,
+            "gate_decision": self.gate_decision,
+            "gate_decision_steps": self.gate_decision_steps if self.gate_decision == "per_sample" else None,
         }
 
     # ------------------------------------------------------------------ training helper
@@ -321,7 +345,8 @@ class DAMMInferer(Inferer):
         Returns:
             Dict with ``latents`` ``[B*K, C, *spatial]`` (sample-major within each input), ``u`` (mean confidence map
             ``[B*K, 1, *bottleneck]`` or None), ``confidence`` ``[B*K, S]`` or None, ``choices`` ``[B*K, S]``,
-            ``gate`` ``[B*K, S]`` or None, ``timesteps``.
+            ``gate`` ``[B*K, S]`` or None, ``decision`` (the gate's per-sample decision ``[B*K]`` or None),
+            ``timesteps``.
         """
         denoiser = network.denoiser
         k = self.num_samples
@@ -340,12 +365,15 @@ class DAMMInferer(Inferer):
         gamma = float(getattr(denoiser, "gamma", 0.5))
         choices, gates, confs = [], [], []
         u_sum = None
+        per_sample = self.gate_decision == "per_sample"
+        window = min(self.gate_decision_steps, len(timesteps))
+        c_sum = torch.zeros(b, device=device)
         iterator: Any = timesteps
         if self.progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(timesteps, desc=f"sampling ({self.branch}, {self.sampler}-{len(timesteps)})", leave=False)
-        for t in iterator:
+        for step, t in enumerate(iterator):
             t_batch = torch.full((b,), t, device=device, dtype=torch.long)
             inp = torch.cat([x, cond], dim=1)
             if self.branch == "uni" and hasattr(denoiser, "forward_all"):
@@ -362,14 +390,19 @@ class DAMMInferer(Inferer):
                     out = denoiser.forward_all(inp, t_batch, use_uncertainty=True)
                 # the gating decision in fp32 (the DAMMDenoiser already returns fp32; other networks may not)
                 confidence = out.confidence.float()
-                gate = (confidence >= gamma).cpu()
+                to_multi = confidence >= gamma
+                if per_sample:  # the running mean over the decision window, then the window's decision
+                    if step < window:
+                        c_sum = c_sum + confidence
+                    to_multi = c_sum / min(step + 1, window) >= gamma
+                gate = to_multi.cpu()
                 if self.branch == "damm":
                     eps = torch.where(
-                        (confidence >= gamma).reshape(-1, *([1] * (out.eps_uni.ndim - 1))),
+                        to_multi.reshape(-1, *([1] * (out.eps_uni.ndim - 1))),
                         out.eps_multi.float(),
                         out.eps_uni.float(),
                     )
-                    choices.append(gate)
+                    choices.append(to_multi.cpu())
                 else:
                     eps = out.eps_multi
                     choices.append(torch.ones(b, dtype=torch.bool))
@@ -379,7 +412,11 @@ class DAMMInferer(Inferer):
                 u_sum = u if u_sum is None else u_sum + u
             x = self._step(sched, eps.float(), t, x, generator)  # scheduler arithmetic in fp32
         n = len(timesteps)
+        decision = None
+        if gates:
+            decision = (c_sum / window >= gamma).cpu() if per_sample else torch.stack(gates, 1).float().mean(1) >= 0.5
         return {
+            "decision": decision,
             "latents": x,
             "u": None if u_sum is None else (u_sum / n).cpu(),
             "confidence": torch.stack(confs, dim=1) if confs else None,
@@ -419,6 +456,8 @@ class DAMMInferer(Inferer):
             "progress": self.progress,
             "keep_samples": self.keep_samples,
             "precision": self.precision,
+            "gate_decision": self.gate_decision,
+            "gate_decision_steps": self.gate_decision_steps,
         }
         args.update(changes)
         if args["sampler"] == "ddpm" and "num_inference_steps" not in changes:
@@ -506,6 +545,7 @@ class DAMMInferer(Inferer):
             gate_choices=_per_input("gate"),
             timesteps=parts[0]["timesteps"],
             settings=self.settings(),
+            sample_choices=_per_input("decision"),
         )
 
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]

@@ -8,6 +8,13 @@ multi-modal branch gets no noise-prediction gradient from samples gated to the u
 ``bce_weight * BCE(c, y) + pull_weight * mean((c - gamma)^2)`` weighted by ``alpha``. Total:
 ``mean_i(denoising_i) + alpha * confidence_term``.
 
+Gate training (issue 14; ``gate_training="paper"`` with the other gate settings at their defaults is the formula
+above, exactly): ``"averaged"`` takes the label from the branch errors averaged over the training timestep and the
+extra timesteps the trainer draws per sample (``label_losses``), so that one noise draw no longer decides it;
+``gate_label_margin`` leaves samples whose two errors differ by less than that share of their mean without a label
+(masked from the BCE); ``gate_balance`` weights both classes equally in the BCE; ``gate_temperature`` T scores
+``sigmoid(logit(c) / T)`` in the BCE. The calibration phase (``calibration=True``) uses the confidence term alone.
+
 Mixed precision: the loss is an fp32 island (``ddcore.precision.fp32``): predictions, noise and confidence are
 upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not it is called under autocast.
 """
@@ -23,11 +30,42 @@ from torch import nn
 from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
 from ddcore.precision import fp32, upcast
 
-__all__ = ["DAMMLoss", "diffusion_target", "min_snr_weights", "per_sample_reference_loss"]
+__all__ = [
+    "GATE_TRAINING",
+    "DAMMLoss",
+    "branch_errors",
+    "diffusion_target",
+    "min_snr_weights",
+    "per_sample_reference_loss",
+]
+
+#: ``gate_training`` options: the paper's single-timestep label, or the label averaged over several timesteps.
+GATE_TRAINING = ("paper", "averaged")
 
 
 def _per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (upcast(pred) - upcast(target)).abs().flatten(1).mean(dim=1)
+
+
+def branch_errors(
+    output: DAMMOutput, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean L1 of both branches, ``(l_uni, l_multi)``, each ``[B]`` fp32, optionally weighted.
+
+    Args:
+        output: the denoiser's output.
+        target: the regression target (shape of ``output.eps_uni``).
+        weights: optional per-sample weights ``[B]`` (e.g. :func:`min_snr_weights`).
+
+    Returns:
+        ``(l_uni, l_multi)``.
+    """
+    l_uni = _per_sample_l1(output.eps_uni, target)
+    l_multi = _per_sample_l1(output.eps_multi, target)
+    if weights is not None:
+        w = upcast(weights).reshape(-1).to(l_uni.device)
+        l_uni, l_multi = l_uni * w, l_multi * w
+    return l_uni, l_multi
 
 
 class DAMMLoss(nn.Module):
@@ -38,29 +76,102 @@ class DAMMLoss(nn.Module):
         alpha: weight of the confidence term (paper: 1e-4).
         bce_weight: weight of ``BCE(c, y)`` inside the confidence term (paper: 0.5).
         pull_weight: weight of ``mean((c - gamma)^2)`` inside the confidence term (paper: 1).
+        gate_training: ``"paper"`` (the label at the training timestep) or ``"averaged"`` (the label from the branch
+            errors averaged over that and the trainer's extra timesteps, ``label_losses``).
+        gate_label_margin: ``>= 0``; a sample whose errors differ by less than this share of their mean gets no label
+            (it is left out of the BCE); 0 (the paper): every sample is labelled.
+        gate_balance: weight the two label classes equally in the BCE (False: the paper's plain mean).
+        gate_temperature: ``> 0``; the BCE scores ``sigmoid(logit(c) / T)`` (1: the paper's ``c``). The pull term and
+            the gating decision use ``c`` itself.
+
+    Attributes:
+        last_label: the label ``y`` of the last call, ``[B]`` (detached), for diagnostics.
+        last_label_mask: which samples of the last call had a label (``None``: all of them).
 
     Raises:
-        ValueError: for ``gamma`` outside (0, 1) or negative weights.
+        ValueError: for ``gamma`` outside (0, 1), negative weights or margin, an unknown ``gate_training`` or a
+            temperature ``<= 0``.
     """
 
-    def __init__(self, gamma: float = 0.5, alpha: float = 1e-4, bce_weight: float = 0.5, pull_weight: float = 1.0):
+    def __init__(
+        self,
+        gamma: float = 0.5,
+        alpha: float = 1e-4,
+        bce_weight: float = 0.5,
+        pull_weight: float = 1.0,
+        gate_training: str = "paper",
+        gate_label_margin: float = 0.0,
+        gate_balance: bool = False,
+        gate_temperature: float = 1.0,
+    ):
         super().__init__()
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
-        for name, value in (("alpha", alpha), ("bce_weight", bce_weight), ("pull_weight", pull_weight)):
+        for name, value in (
+            ("alpha", alpha),
+            ("bce_weight", bce_weight),
+            ("pull_weight", pull_weight),
+            ("gate_label_margin", gate_label_margin),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if gate_training not in GATE_TRAINING:
+            raise ValueError(f"gate_training must be one of {GATE_TRAINING}, got {gate_training!r}")
+        if not float(gate_temperature) > 0:
+            raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
         self.gamma = float(gamma)
         self.alpha = float(alpha)
         self.bce_weight = float(bce_weight)
         self.pull_weight = float(pull_weight)
+        self.gate_training = gate_training
+        self.gate_label_margin = float(gate_label_margin)
+        self.gate_balance = bool(gate_balance)
+        self.gate_temperature = float(gate_temperature)
+        self.last_label: torch.Tensor | None = None
+        self.last_label_mask: torch.Tensor | None = None
 
-    def confidence_loss(self, confidence: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def gate_label(
+        self,
+        l_uni: torch.Tensor,
+        l_multi: torch.Tensor,
+        label_losses: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The BCE label ``y = [l_multi <= l_uni]`` per sample and which samples get one.
+
+        Args:
+            l_uni: uni-modal error per sample at the training timestep, ``[B]``.
+            l_multi: multi-modal error, ``[B]``.
+            label_losses: ``(l_uni_extra, l_multi_extra)``, ``[B, M]`` each, the errors at ``M`` further timesteps
+                (used by ``gate_training="averaged"``, which averages over all ``1 + M``; ignored by ``"paper"``).
+
+        Returns:
+            ``(label, mask)``: ``label`` ``[B]`` float in {0, 1} (no gradient); ``mask`` ``[B]`` bool, ``None`` when
+            ``gate_label_margin`` is 0 (every sample labelled).
+        """
+        lu, lm = l_uni.detach(), l_multi.detach()
+        if self.gate_training == "averaged" and label_losses is not None:
+            eu, em = (upcast(t.detach()).to(lu.device).reshape(lu.shape[0], -1) for t in label_losses)
+            lu = torch.cat([lu[:, None], eu], dim=1).mean(dim=1)
+            lm = torch.cat([lm[:, None], em], dim=1).mean(dim=1)
+        label = (lm <= lu).float()
+        mask = None
+        if self.gate_label_margin > 0:
+            mask = (lu - lm).abs() >= self.gate_label_margin * 0.5 * (lu + lm)
+        return label, mask
+
+    def confidence_loss(
+        self, confidence: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``bce_weight * BCE(c, y) + pull_weight * mean((c - gamma)^2)``.
+
+        With the gate settings at their defaults this is the paper's term exactly; otherwise the BCE is the mean
+        over the labelled samples (``mask``; 0 when none is), class-balanced (``gate_balance``: each present class
+        weighs half) and scored on ``sigmoid(logit(c) / gate_temperature)``.
 
         Args:
             confidence: ``c`` per sample, ``[B]`` in (0, 1).
             label: ``y`` per sample, ``[B]`` in {0, 1}.
+            mask: which samples have a label (``None``: all).
 
         Returns:
             Scalar.
@@ -68,8 +179,25 @@ class DAMMLoss(nn.Module):
         c = confidence.float()
         eps = torch.finfo(c.dtype).eps
         with fp32(c.device):  # BCE is unsafe under (CUDA) autocast
-            bce = F.binary_cross_entropy(c.clamp(eps, 1.0 - eps), label.float())
-            return self.bce_weight * bce + self.pull_weight * ((c - self.gamma) ** 2).mean()
+            pull = self.pull_weight * ((c - self.gamma) ** 2).mean()
+            if mask is None and not self.gate_balance and self.gate_temperature == 1.0:  # the paper's term
+                bce = F.binary_cross_entropy(c.clamp(eps, 1.0 - eps), label.float())
+                return self.bce_weight * bce + pull
+            y = label.float()
+            scored = c.clamp(eps, 1.0 - eps)
+            if self.gate_temperature != 1.0:
+                scored = torch.sigmoid(torch.logit(scored) / self.gate_temperature).clamp(eps, 1.0 - eps)
+            per = F.binary_cross_entropy(scored, y, reduction="none")
+            w = torch.ones_like(y) if mask is None else mask.float()
+            n = w.sum()
+            if self.gate_balance:
+                n_pos, n_neg = (w * y).sum(), (w * (1 - y)).sum()
+                classes = (n_pos > 0).float() + (n_neg > 0).float()
+                w_pos = n / (classes * n_pos).clamp(min=1.0)
+                w_neg = n / (classes * n_neg).clamp(min=1.0)
+                w = w * torch.where(y > 0.5, w_pos, w_neg)
+            bce = (w * per).sum() / n.clamp(min=1.0)
+            return self.bce_weight * bce + pull
 
     def forward(
         self,
@@ -77,6 +205,8 @@ class DAMMLoss(nn.Module):
         noise: torch.Tensor,
         divergence_aware: bool,
         weights: torch.Tensor | None = None,
+        label_losses: tuple[torch.Tensor, torch.Tensor] | None = None,
+        calibration: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Compute the loss.
 
@@ -88,12 +218,14 @@ class DAMMLoss(nn.Module):
             weights: optional per-sample weights ``[B]`` of both branch losses (e.g. :func:`min_snr_weights`);
                 the label ``y`` compares the two branches of one sample, so it does not change. ``None``: the
                 paper's unweighted loss, exactly.
+            label_losses: the branch errors at further timesteps, ``[B, M]`` each (see :meth:`gate_label`).
+            calibration: the calibration phase: the loss is the (unweighted) confidence term alone.
 
         Returns:
             ``(loss, logs)``, ``loss`` fp32 (also under autocast); ``logs`` has ``loss``, ``loss_uni``, ``loss_multi``,
             ``confidence_mean``, ``label_rate`` (fraction with ``l_multi <= l_uni``), ``gated_multi_fraction``
             (fraction with ``c >= gamma``), ``loss_confidence`` (the unweighted confidence term; computed but not used
-            in the warm-up phase).
+            in the warm-up phase), ``label_given_fraction`` (share of samples with a label).
 
         Raises:
             ValueError: if ``noise`` does not match the predictions' shape.
@@ -103,16 +235,15 @@ class DAMMLoss(nn.Module):
                 f"noise shape {tuple(noise.shape)} does not match the prediction shape {tuple(output.eps_uni.shape)}"
             )
         with fp32(noise.device):
-            l_uni = _per_sample_l1(output.eps_uni, noise)
-            l_multi = _per_sample_l1(output.eps_multi, noise)
-            if weights is not None:
-                w = upcast(weights).reshape(-1).to(l_uni.device)
-                l_uni, l_multi = l_uni * w, l_multi * w
+            l_uni, l_multi = branch_errors(output, noise, weights)
             c = upcast(output.confidence)
-            label = (l_multi <= l_uni).detach().float()
+            label, mask = self.gate_label(l_uni, l_multi, label_losses)
+            self.last_label, self.last_label_mask = label, mask
             to_multi = (c >= self.gamma).detach()
-            loss_conf = self.confidence_loss(c, label)
-            if divergence_aware:
+            loss_conf = self.confidence_loss(c, label, mask)
+            if calibration:
+                loss = loss_conf
+            elif divergence_aware:
                 per_sample = torch.where(to_multi, 0.5 * (l_uni + l_multi), l_uni)
                 loss = per_sample.mean() + self.alpha * loss_conf
             else:
@@ -125,6 +256,7 @@ class DAMMLoss(nn.Module):
             "label_rate": float(label.mean()),
             "gated_multi_fraction": float(to_multi.float().mean()),
             "loss_confidence": float(loss_conf.detach()),
+            "label_given_fraction": 1.0 if mask is None else float(mask.float().mean()),
         }
         return loss, logs
 

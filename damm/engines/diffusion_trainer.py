@@ -8,6 +8,14 @@ The output holds the total loss and both branch losses, the mean confidence, the
 samples gated to the multi-modal branch, for ``StatsHandler``/``TensorBoardStatsHandler``; their epoch means are
 attached as ignite metrics (``epoch_<name>``).
 
+Gate diagnosis and training (issue 14): the output also holds the label rate per timestep quarter
+(``label_rate_t0_250`` ... ``label_rate_t750_1000`` for T = 1000; epoch to date, NaN while a quarter has had no
+labelled sample) and, when the batch carries a ``divergent`` flag, ``label_divergence_agreement`` (share of labels
+``y = not divergent``). With ``gate_training="averaged"`` the trainer draws ``gate_label_timesteps`` further
+timesteps per sample (no gradient) whose branch errors average into the label. The last
+``gate_calibration_iterations`` iterations are a calibration phase: the network runs in eval mode, the loss is the
+confidence term alone and only the confidence path (``uafm.confidence_head``) is updated, the denoiser frozen.
+
 Mixed precision (``precision``; see ``ddcore.precision``): the noising and the denoiser forward run under
 ``torch.autocast``; the denoiser returns fp32 predictions and confidence (its fp32 islands), the loss is computed in
 fp32 outside autocast, and fp16 (CUDA) scales the loss with a ``GradScaler``. Weights stay fp32.
@@ -15,20 +23,21 @@ fp32 outside autocast, and fp16 (CUDA) scales the loss with a ``GradScaler``. We
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.metrics import Average, Metric
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
 
-from damm.losses import diffusion_target, min_snr_weights
+from damm.losses import branch_errors, diffusion_target, min_snr_weights
 from ddcore.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
-__all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll"]
+__all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll", "confidence_parameters", "label_rate_buckets"]
 
 #: Keys of the trainer output that are also averaged per epoch.
 LOGGED_KEYS = (
@@ -39,7 +48,37 @@ LOGGED_KEYS = (
     "label_rate",
     "gated_multi_fraction",
     "loss_confidence",
+    "label_given_fraction",
 )
+
+#: Name fragment of the confidence path's parameters (the only ones the calibration phase updates).
+CONFIDENCE_PATH = "uafm.confidence_head."
+
+
+def confidence_parameters(network: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of the denoiser's confidence path (also inside ``DDP(ForwardAll(denoiser))``).
+
+    Args:
+        network: the denoiser or its wrapper.
+
+    Returns:
+        ``(name, parameter)`` pairs whose name contains ``uafm.confidence_head.``.
+    """
+    return [(n, p) for n, p in network.named_parameters() if CONFIDENCE_PATH in f".{n}"]
+
+
+def label_rate_buckets(num_train_timesteps: int, buckets: int = 4) -> list[tuple[int, int, str]]:
+    """Timestep buckets of the label-rate diagnosis: ``(low, high, key)`` with ``low <= t < high``.
+
+    Args:
+        num_train_timesteps: T.
+        buckets: how many equal buckets.
+
+    Returns:
+        E.g. ``(0, 250, "label_rate_t0_250")`` ... ``(750, 1000, "label_rate_t750_1000")`` for T = 1000.
+    """
+    edges = [round(i * num_train_timesteps / buckets) for i in range(buckets + 1)]
+    return [(lo, hi, f"label_rate_t{lo}_{hi}") for lo, hi in itertools.pairwise(edges)]
 
 
 class ForwardAll(nn.Module):
@@ -84,6 +123,12 @@ class DAMMDiffusionTrainer(Trainer):
         min_snr_gamma: ``> 0``: weight each sample's loss by min-SNR-gamma (:func:`damm.losses.min_snr_weights`);
             ``0`` (default, the paper): unweighted. The regression target follows the scheduler's
             ``prediction_type`` (:func:`damm.losses.diffusion_target`: ``epsilon`` or ``v_prediction``).
+        gate_label_timesteps: extra timesteps per sample whose branch errors average into the label when the loss
+            has ``gate_training="averaged"`` (``>= 1`` then; unused by ``"paper"``).
+        gate_calibration_iterations: the last this-many iterations train only the confidence path (0: none, the
+            paper).
+        total_iterations: the run's length, where the calibration phase ends (``None``: ``max_epochs`` times the
+            epoch length; set it when an iteration budget ends the run earlier).
         grad_clip_norm: optional gradient-norm clipping (the paper has none).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler): autocast
             dtype of the denoiser forward; the loss stays fp32.
@@ -91,8 +136,9 @@ class DAMMDiffusionTrainer(Trainer):
         metric_cmp_fn, train_handlers, event_names, event_to_attr, decollate: as for MONAI's trainers.
 
     Raises:
-        ValueError: for an empty ``condition_keys``, a negative start iteration, an unknown ``precision`` or one the
-            device cannot run (checked before anything else).
+        ValueError: for an empty ``condition_keys``, a negative start iteration or gate setting, an averaged label
+            without extra timesteps, a calibration phase on a network without confidence path, an unknown
+            ``precision`` or one the device cannot run (checked before anything else).
     """
 
     def __init__(
@@ -108,6 +154,9 @@ class DAMMDiffusionTrainer(Trainer):
         condition_keys: Sequence[str],
         divergence_aware_start_iteration: int = 400,
         min_snr_gamma: float = 0.0,
+        gate_label_timesteps: int = 4,
+        gate_calibration_iterations: int = 0,
+        total_iterations: int | None = None,
         grad_clip_norm: float | None = None,
         precision: str = "fp32",
         epoch_length: int | None = None,
@@ -162,8 +211,48 @@ class DAMMDiffusionTrainer(Trainer):
         self.grad_scaler = make_grad_scaler(precision, device)
         if self.grad_scaler is None:  # fp32/bf16: a NaN/Inf gradient skips the step instead of poisoning the weights
             skip_nonfinite_steps(optimizer, "DAMMDiffusionTrainer")
+        for name, value in (
+            ("gate_label_timesteps", gate_label_timesteps),
+            ("gate_calibration_iterations", gate_calibration_iterations),
+        ):
+            if int(value) < 0:
+                raise ValueError(f"DAMMDiffusionTrainer: {name} must be >= 0, got {value}")
+        self.gate_label_timesteps = int(gate_label_timesteps)
+        self.gate_calibration_iterations = int(gate_calibration_iterations)
+        self.total_iterations = None if total_iterations is None else int(total_iterations)
+        if self.averaged_label and self.gate_label_timesteps < 1:
+            raise ValueError("DAMMDiffusionTrainer: gate_training 'averaged' needs gate_label_timesteps >= 1")
+        if self.gate_calibration_iterations and not confidence_parameters(network):
+            raise ValueError(
+                "DAMMDiffusionTrainer: gate_calibration_iterations > 0 needs a network with a confidence path "
+                f"({CONFIDENCE_PATH!r} parameters)"
+            )
+        self.buckets = label_rate_buckets(int(inferer.scheduler.num_train_timesteps))
+        self._label_counts = torch.zeros(len(self.buckets) + 1, 2, dtype=torch.float64)
+        self.add_event_handler(Events.EPOCH_STARTED, lambda _: self._label_counts.zero_())
         for key in LOGGED_KEYS:
             Average(output_transform=lambda out, key=key: out[key]).attach(self, f"epoch_{key}")
+
+    @property
+    def averaged_label(self) -> bool:
+        """Whether the loss takes its label from several timesteps (``gate_training="averaged"``)."""
+        return getattr(self.loss_function, "gate_training", "paper") == "averaged"
+
+    def calibrating(self, iteration: int) -> bool:
+        """Whether a (1-based) iteration is in the calibration phase (the last ``gate_calibration_iterations``).
+
+        Args:
+            iteration: the engine's iteration counter during the step.
+
+        Returns:
+            ``iteration > total - gate_calibration_iterations``.
+        """
+        if not self.gate_calibration_iterations:
+            return False
+        total = self.total_iterations
+        if total is None:
+            total = int(self.state.max_epochs or 0) * int(self.state.epoch_length or 0)
+        return iteration > total - self.gate_calibration_iterations
 
     def divergence_aware(self, iteration: int) -> bool:
         """Whether a (1-based) iteration is in the divergence-aware phase.
@@ -189,8 +278,9 @@ class DAMMDiffusionTrainer(Trainer):
         noise = torch.randn_like(z0)
         n_steps = int(self.inferer.scheduler.num_train_timesteps)
         timesteps = torch.randint(0, n_steps, (z0.shape[0],), device=device, dtype=torch.long)
-        phase_b = self.divergence_aware(engine.state.iteration)
-        self.network.train()
+        calibration = self.calibrating(engine.state.iteration)
+        phase_b = calibration or self.divergence_aware(engine.state.iteration)
+        self.network.train(not calibration)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.precision, device):
             output = self.inferer.noise_prediction(self.network, z0, conds, noise, timesteps, use_uncertainty=phase_b)
@@ -198,7 +288,11 @@ class DAMMDiffusionTrainer(Trainer):
         scheduler = self.inferer.scheduler
         target = diffusion_target(scheduler, z0, noise, timesteps)
         weights = min_snr_weights(scheduler, timesteps, self.min_snr_gamma) if self.min_snr_gamma > 0 else None
-        extra = {} if weights is None else {"weights": weights}
+        extra: dict[str, Any] = {} if weights is None else {"weights": weights}
+        if phase_b and self.averaged_label:
+            extra["label_losses"] = self._label_losses(z0, conds)
+        if calibration:
+            extra["calibration"] = True
         loss, logs = self.loss_function(output, target, divergence_aware=phase_b, **extra)
         if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
             # DDP needs every output in the graph of the loss: the confidence (unused in the warm-up) and the
@@ -210,6 +304,11 @@ class DAMMDiffusionTrainer(Trainer):
         else:
             self.grad_scaler.scale(loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if calibration:  # the denoiser is frozen: only the confidence path steps (AdamW skips grad=None)
+            keep = {id(p) for _, p in confidence_parameters(self.network)}
+            for p in self.network.parameters():
+                if id(p) not in keep:
+                    p.grad = None
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)  # clip (and step) on the true gradients
         if self.grad_clip_norm is not None:
@@ -223,4 +322,46 @@ class DAMMDiffusionTrainer(Trainer):
         result: dict[str, Any] = {k: float(v) for k, v in logs.items()}
         result["loss"] = float(loss.detach())
         result["divergence_aware"] = float(phase_b)
+        result["gate_calibration"] = float(calibration)
+        result.update(self._label_diagnosis(timesteps, batchdata.get("divergent")))
         return result
+
+    @torch.no_grad()
+    def _label_losses(self, z0: torch.Tensor, conds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Branch errors at ``gate_label_timesteps`` fresh ``(t, eps)`` draws per sample, ``[B, M]`` each."""
+        n_steps = int(self.inferer.scheduler.num_train_timesteps)
+        uni, multi = [], []
+        for _ in range(self.gate_label_timesteps):
+            t = torch.randint(0, n_steps, (z0.shape[0],), device=z0.device, dtype=torch.long)
+            noise = torch.randn_like(z0)
+            with autocast(self.precision, z0.device):
+                out = self.inferer.noise_prediction(self.network, z0, conds, noise, t, use_uncertainty=True)
+            target = diffusion_target(self.inferer.scheduler, z0, noise, t)
+            w = min_snr_weights(self.inferer.scheduler, t, self.min_snr_gamma) if self.min_snr_gamma > 0 else None
+            l_u, l_m = branch_errors(out, target, w)
+            uni.append(l_u)
+            multi.append(l_m)
+        return torch.stack(uni, dim=1), torch.stack(multi, dim=1)
+
+    def _label_diagnosis(self, timesteps: torch.Tensor, divergent: Any) -> dict[str, float]:
+        """Epoch-to-date label rate per timestep bucket (and agreement with a ``divergent`` flag)."""
+        label = getattr(self.loss_function, "last_label", None)
+        if label is None:
+            return {}
+        label = label.detach().float().cpu().reshape(-1)
+        mask = getattr(self.loss_function, "last_label_mask", None)
+        given = torch.ones_like(label, dtype=torch.bool) if mask is None else mask.detach().cpu().reshape(-1)
+        t = timesteps.detach().cpu()
+        out = {}
+        for i, (lo, hi, key) in enumerate(self.buckets):
+            sel = given & (t >= lo) & (t < hi)
+            self._label_counts[i] += torch.stack([label[sel].sum(), sel.sum()]).double()
+            ones, total = self._label_counts[i].tolist()
+            out[key] = ones / total if total else float("nan")
+        if divergent is not None:
+            consistent = ~torch.as_tensor(divergent).reshape(-1).bool().cpu()
+            agree = (label.bool() == consistent)[given]
+            self._label_counts[-1] += torch.tensor([float(agree.sum()), float(agree.numel())], dtype=torch.float64)
+            ones, total = self._label_counts[-1].tolist()
+            out["label_divergence_agreement"] = ones / total if total else float("nan")
+        return out

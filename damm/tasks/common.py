@@ -153,10 +153,11 @@ class DAMMPredictor:
         """Branch statistics over every input seen so far.
 
         Returns:
-            ``{"inputs", "multi_step_fraction", "gated_multi_fraction", "confidence_mean"}`` (means).
+            ``{"inputs", "multi_step_fraction", "gated_multi_fraction", "multi_sample_fraction", "confidence_mean"}``
+            (means).
         """
         out: dict[str, Any] = {"inputs": len(self.statistics)}
-        for key in ("multi_step_fraction", "gated_multi_fraction", "confidence_mean"):
+        for key in ("multi_step_fraction", "gated_multi_fraction", "multi_sample_fraction", "confidence_mean"):
             vals = [s[key] for s in self.statistics if key in s]
             if vals:
                 out[key] = float(np.mean(vals))
