@@ -82,7 +82,7 @@ def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch):
     assert "## x" in (tmp_path / "RESULTS.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark_quick_run
 def test_quick_run_of_every_benchmark_has_no_error(tmp_path):
     """Every benchmark module runs in quick mode without an error record (CI runs this)."""
     out = tmp_path / "results"
