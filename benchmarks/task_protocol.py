@@ -102,6 +102,13 @@ def run_direction(job: dict[str, Any]) -> dict[str, Any]:
     _workflow(overlay, root, "evaluating", settings)
     seconds["evaluation"] = time.perf_counter() - t0
     final = json.loads((root / "eval" / "task" / "task_evaluation.json").read_text())
+    from damm.stages import read_training_times
+
+    recorded = read_training_times(root / "models")  # a kept bundle's stages were skipped: their recorded times
+    for key, stage in (("autoencoders", "stage 1 (autoencoders)"), ("diffusion", "stage 2 (diffusion)"),
+                       ("unet_baseline", "UNet baseline")):  # fmt: skip
+        if stage in recorded:
+            seconds[key] = float(recorded[stage]["seconds"])
     models = root / "models"
     curve: dict[str, Any] = {}
     for frac in job["fractions"]:

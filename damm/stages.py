@@ -17,9 +17,49 @@ from damm.distributed import barrier, rank_zero_info
 from ddcore.atomic import remove_stale_temporaries
 from ddcore.device import is_rank_zero
 
-__all__ = ["TrainingStage"]
+__all__ = ["TRAINING_TIMES", "TrainingStage", "read_training_times", "record_training_time"]
 
 logger = logging.getLogger(__name__)
+
+#: file beside the final models recording how long each stage trained (seconds and iterations)
+TRAINING_TIMES = "training_times.json"
+
+
+def record_training_time(models_dir: str | Path, stage: str, seconds: float, iterations: int | None) -> Path:
+    """Record a finished stage's training time in ``<models_dir>/training_times.json`` (atomic; rank 0).
+
+    Args:
+        models_dir: the folder of the final models.
+        stage: the stage's name.
+        seconds: wall-clock training time.
+        iterations: iterations trained (``None`` when unknown).
+
+    Returns:
+        The file's path.
+    """
+    from ddcore.atomic import atomic_write_json
+
+    path = Path(models_dir) / TRAINING_TIMES
+    if is_rank_zero():
+        times = read_training_times(models_dir)
+        times[stage] = {"seconds": float(seconds), "iterations": iterations}
+        atomic_write_json(times, path)
+    return path
+
+
+def read_training_times(models_dir: str | Path) -> dict[str, Any]:
+    """The recorded training times (``{}`` when none).
+
+    Args:
+        models_dir: the folder of the final models.
+
+    Returns:
+        ``{stage: {"seconds", "iterations"}}``.
+    """
+    import json
+
+    path = Path(models_dir) / TRAINING_TIMES
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class TrainingStage:
@@ -95,5 +135,8 @@ class TrainingStage:
         rank_zero_info(logger, f"{self.name}: training")
         self.trainer.run()
         self.export()
-        rank_zero_info(logger, f"{self.name}: done in {time.perf_counter() - t0:.1f} s -> {self.final_path}")
+        seconds = time.perf_counter() - t0
+        state = getattr(self.trainer, "state", None)
+        record_training_time(self.final_path.parent, self.name, seconds, getattr(state, "iteration", None))
+        rank_zero_info(logger, f"{self.name}: done in {seconds:.1f} s -> {self.final_path}")
         return True

@@ -297,6 +297,9 @@ def train_baseline_stage(
         on_snapshot=lambda it: save_baseline(net, snapshot_path(path, it)),
     )  # fmt: skip
     save_baseline(net, path)
+    from damm.stages import record_training_time
+
+    record_training_time(path.parent, "UNet baseline", stats["seconds"], stats["iterations"])
     logger.info(f"UNet baseline written to {path}: {stats}")
     return path
 
