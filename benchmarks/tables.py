@@ -215,6 +215,37 @@ def _targets_block(rec: dict[str, Any]) -> str:
     return _targets(rec, micro) + extra
 
 
+def _curve_and_ema(rec: dict[str, Any]) -> str:
+    """Quality against the iteration budget (DAMM with EMA weights, the UNet) and DAMM without EMA, per direction."""
+    curve: dict[str, dict[tuple[str, float], dict[str, float]]] = {}
+    raw: dict[str, dict[str, float]] = {}
+    region = None
+    for fig in rec.get("figures", []):
+        p = fig.get("params", {})
+        if p.get("metric") not in ("psnr", "ssim"):
+            continue
+        if "budget_fraction" in p:
+            region = p.get("region")
+            key = (p["method"], float(p["budget_fraction"]))
+            curve.setdefault(p["direction"], {}).setdefault(key, {})[p["metric"]] = fig["value"]
+        elif p.get("method") == "damm_raw_weights":
+            raw.setdefault(p["direction"], {})[p["metric"]] = fig["value"]
+    lines = [
+        "| direction | method | " + " | ".join(f"{int(100 * f)} %" for f in (0.25, 0.5, 1.0)) + " | without EMA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d, points in curve.items():
+        for method in ("damm", "unet_baseline"):
+            cells = []
+            for f in (0.25, 0.5, 1.0):
+                v = points.get((method, f), {})
+                cells.append(f"{_f(v.get('psnr'), 2)} dB / {_f(v.get('ssim'), 3)}" if v else "")
+            r = raw.get(d, {}) if method == "damm" else {}
+            ema = f"{_f(r.get('psnr'), 2)} dB / {_f(r.get('ssim'), 3)}" if r else ""
+            lines.append(f"| {d} | {method} | " + " | ".join(cells) + f" | {ema} |")
+    return f"PSNR / SSIM ({region}) at a fraction of every stage's iteration budget:\n\n" + "\n".join(lines) + "\n"
+
+
 #: block name -> (record name, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main_job": ("damm_quality", _main_job),
@@ -222,6 +253,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "task_microscopy": ("task_microscopy", lambda r: _task_table(r, "field", None)),
     "task_brats_autoencoder": ("task_brats_autoencoder", _autoencoder_lever),
     "task_targets": ("task_brats", _targets_block),
+    "task_brats_curve": ("task_brats", _curve_and_ema),
+    "task_microscopy_curve": ("task_microscopy", _curve_and_ema),
 }
 
 
@@ -242,8 +275,20 @@ def render(name: str) -> str:
     return renderer(rec).rstrip("\n") + "\n\n" + _source(rec) + "\n"
 
 
+def _record_exists(name: str) -> bool:
+    return (RESULTS / f"{RENDERERS[name][0]}.json").is_file()
+
+
 def _rewrite(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    """Every block whose record exists, rewritten (a block without its record is left as it is; :func:`check`
+    reports it)."""
+
+    def _sub(m: re.Match) -> str:
+        if not _record_exists(m.group("name")):
+            return m.group(0)
+        return m.group(1) + render(m.group("name")) + m.group(4)
+
+    return BLOCK.sub(_sub, text)
 
 
 def update() -> list[Path]:
@@ -275,6 +320,6 @@ def check() -> list[str]:
         if not doc.is_file():
             continue
         for m in BLOCK.finditer(doc.read_text()):
-            if m.group("body") != render(m.group("name")):
+            if not _record_exists(m.group("name")) or m.group("body") != render(m.group("name")):
                 stale.append(f"{doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}: {m.group('name')}")
     return stale
