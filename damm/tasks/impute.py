@@ -258,10 +258,11 @@ def impute(
             )
     task = parser.get_parsed_content("task#data")
     sidecar = {"subject": info["subject"], "naming_scheme": info["scheme"]}
-    if kind != "damm":
+
+    def _write(model: Any, inferer: Any, predictor: Any, name: str) -> Path:
         return synthesise_to_file(
-            None,
-            None,
+            model,
+            inferer,
             {k: files[k] for k in conditions},
             out_path,
             task,
@@ -269,9 +270,12 @@ def impute(
             intensity_reference=reference,
             model_path=model_path,
             extra_sidecar=sidecar,
-            predictor=_baseline_predictor(parser, method, model_path, conditions, target),
-            method=method,
+            predictor=predictor,
+            method=name,
         )
+
+    if kind != "damm":
+        return _write(None, None, _baseline_predictor(parser, method, model_path, conditions, target), method)
     from damm.model import load_model
 
     model = load_model(parser.get_parsed_content("network"), model_path)
@@ -286,19 +290,7 @@ def impute(
         changes["eta"] = float(eta)
     if seed is not None:
         changes["seed"] = int(seed)
-    inferer = parser.get_parsed_content("train#inferer").replace(**changes)
-    return synthesise_to_file(
-        model,
-        inferer,
-        {k: files[k] for k in conditions},
-        out_path,
-        task,
-        subject=info["subject"],
-        intensity_reference=reference,
-        model_path=model_path,
-        extra_sidecar=sidecar,
-        method="damm",
-    )
+    return _write(model, parser.get_parsed_content("train#inferer").replace(**changes), None, "damm")
 
 
 def _method_file(parser: Any, kind: str) -> Path:
