@@ -47,9 +47,9 @@ QUICK = {
     "ae_norm_num_groups": 8,
     "dm_channels": [8, 8, 8, 8],
     "dm_time_embed_dim": 16,
-    "ae_epochs": 1,
+    "ae_iterations": 4,
     "ae_batch_size": 4,
-    "dm_epochs": 2,
+    "dm_iterations": 8,
     "dm_batch_size": 4,
     "dm_divergence_aware_start_iteration": 3,
 }
