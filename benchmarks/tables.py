@@ -172,19 +172,27 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _comparisons(m: dict[str, dict[str, float]], region: str, d: str, label: str, ok: Callable) -> list[str]:
+    """One row per metric: damm, the UNet and the best trivial baseline (best per metric), judged by ``ok``."""
+    rows = []
+    dm, un = m.get("damm", {}), m.get("unet_baseline", {})
+    for metric in ("ssim", "psnr"):
+        trivial = max((k for k in m if k.startswith("copy_")), key=lambda k, mt=metric: m[k][mt])
+        a, b, c = dm.get(metric, float("nan")), un.get(metric, float("nan")), m[trivial][metric]
+        digits = 3 if metric == "ssim" else 2
+        rows.append(
+            f"| {label.format(trivial=trivial)}, {region} {metric.upper()} | {d} | "
+            f"{a:.{digits}f} / {b:.{digits}f} / {c:.{digits}f} | {_verdict(ok(a, b, c))} |"
+        )
+    return rows
+
+
 def _targets(brats: dict[str, Any], microscopy: dict[str, Any] | None) -> str:
     """The issue-20 targets, each checked against the records (never loosened)."""
     lines = ["| target | direction | measured | verdict |", "|---|---|---|---|"]
     for d, m in _metrics_by_direction(brats, "brain").items():
-        dm, un = m.get("damm", {}), m.get("unet_baseline", {})
-        for metric in ("ssim", "psnr"):
-            trivial = max((k for k in m if k.startswith("copy_")), key=lambda k, mt=metric: m[k][mt])
-            a, b, c = dm.get(metric, float("nan")), un.get(metric, float("nan")), m[trivial][metric]
-            digits = 3 if metric == "ssim" else 2
-            lines.append(
-                f"| damm >= UNet >= best trivial ({trivial}), brain {metric.upper()} | {d} | "
-                f"{a:.{digits}f} / {b:.{digits}f} / {c:.{digits}f} | {_verdict(a >= b >= c)} |"
-            )
+        lines += _comparisons(m, "brain", d, "damm >= UNet >= best trivial ({trivial})", lambda a, b, c: a >= b >= c)
+        dm = m.get("damm", {})
         ssim, psnr = dm.get("ssim", float("nan")), dm.get("psnr", float("nan"))
         lines.append(
             f"| damm brain SSIM >= 0.85 and PSNR >= 24 dB | {d} | {ssim:.3f} / {psnr:.2f} dB | "
@@ -194,17 +202,9 @@ def _targets(brats: dict[str, Any], microscopy: dict[str, Any] | None) -> str:
         lines.append(
             f"| autoencoder ceiling >= 30 dB brain PSNR | {d} | {ceiling:.2f} dB | {_verdict(ceiling >= 30)} |"
         )
-    if microscopy is not None:
-        for d, m in _metrics_by_direction(microscopy, "field").items():
-            dm, un = m.get("damm", {}), m.get("unet_baseline", {})
-            for metric in ("ssim", "psnr"):
-                trivial = max((k for k in m if k.startswith("copy_")), key=lambda k, mt=metric: m[k][mt])
-                a, b, c = dm.get(metric, float("nan")), un.get(metric, float("nan")), m[trivial][metric]
-                digits = 3 if metric == "ssim" else 2
-                lines.append(
-                    f"| damm >= UNet and >= best source channel ({trivial}), field {metric.upper()} | {d} | "
-                    f"{a:.{digits}f} / {b:.{digits}f} / {c:.{digits}f} | {_verdict(a >= b and a >= c)} |"
-                )
+    for d, m in (_metrics_by_direction(microscopy, "field") if microscopy is not None else {}).items():
+        label = "damm >= UNet and >= best source channel ({trivial})"
+        lines += _comparisons(m, "field", d, label, lambda a, b, c: a >= b and a >= c)
     return "\n".join(lines) + "\n"
 
 

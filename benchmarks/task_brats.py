@@ -27,7 +27,7 @@ from benchmarks.task_protocol import curve_fractions, direction_figures, run_dir
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
 
-__all__ = ["FULL", "NAME", "QUICK", "run"]
+__all__ = ["FULL", "NAME", "QUICK", "run", "shared_subjects"]
 
 NAME = "task_brats"
 
@@ -96,6 +96,17 @@ def _resampling_limit(test: dict[str, Any], pixdim: Any) -> dict[str, float]:
     return region_metrics(to_unit(vol, lo, hi), truth, {"brain": prep.input_brain})["brain"]
 
 
+def shared_subjects() -> dict[str, dict[str, Any]] | None:
+    """The two shared patients as datalist items, ``{"glioma": ..., "metastasis": ...}`` (``None`` when absent)."""
+    shared = shared_data_dir()
+    if shared is None:
+        return None
+    a, b = shared / "brats" / "TCGA-DU-7294", shared / "brats_validation" / "AURORA-example"
+    if not a.is_dir() or not b.is_dir():
+        return None
+    return {"glioma": _subject(a, "glioma"), "metastasis": _subject(b, "metastasis")}
+
+
 def run(quick: bool = False) -> list[dict]:
     """Measure both directions (one note figure when the shared data is absent).
 
@@ -105,13 +116,10 @@ def run(quick: bool = False) -> list[dict]:
     Returns:
         Figure records.
     """
-    shared = shared_data_dir()
-    a = None if shared is None else shared / "brats" / "TCGA-DU-7294"
-    b = None if shared is None else shared / "brats_validation" / "AURORA-example"
-    if a is None or b is None or not a.is_dir() or not b.is_dir():
+    subjects = shared_subjects()
+    if subjects is None:
         return [figure("task_brats: shared BraTS subjects absent, nothing measured", 0.0, "")]
     settings = QUICK if quick else FULL
-    subjects = {"glioma": _subject(a, "glioma"), "metastasis": _subject(b, "metastasis")}
     keep = os.environ.get("TASK_BENCH_KEEP")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(keep) if keep else Path(tmp)

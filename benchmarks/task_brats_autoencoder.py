@@ -19,10 +19,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks.task_brats import FULL, QUICK, _datalist, _subject
+from benchmarks.task_brats import FULL, QUICK, _datalist, shared_subjects
 from benchmarks.task_protocol import CONFIGS
 from benchmarks.timing import figure
-from data_prep.shared import shared_data_dir
 
 __all__ = ["NAME", "run"]
 
@@ -83,14 +82,12 @@ def run(quick: bool = False) -> list[dict]:
     Returns:
         Figure records.
     """
-    shared = shared_data_dir()
-    a = None if shared is None else shared / "brats" / "TCGA-DU-7294"
-    b = None if shared is None else shared / "brats_validation" / "AURORA-example"
-    if a is None or b is None or not a.is_dir() or not b.is_dir():
+    subjects = shared_subjects()
+    if subjects is None:
         return [figure("task_brats_autoencoder: shared BraTS subjects absent, nothing measured", 0.0, "")]
     base = QUICK if quick else FULL
     settings = {k: base[k] for k in AE_KEYS if k in base}
-    train, test = _subject(a, "glioma"), _subject(b, "metastasis")
+    train, test = subjects["glioma"], subjects["metastasis"]
     with tempfile.TemporaryDirectory() as tmp:
         datalist = _datalist(train, test, Path(tmp) / "datalist.json")
         jobs = [
