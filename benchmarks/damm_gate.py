@@ -1,0 +1,294 @@
+"""Does the DAMMP gate separate divergent inputs, stably across seeds and thread counts? (issue 14)
+
+The README main job's data (synthetic NP tiles with known divergent tiles, ``bundle/configs/train.json``): the
+autoencoders are trained once (seed 0); the diffusion model is trained for every gate-training variant of
+:data:`VARIANTS`, every seed of :data:`SEEDS` and every torch thread count of :data:`THREADS` (the same iteration
+budget each time, so the runs differ only in what the variant, the seed and the thread count change). Each model is
+evaluated on the whole test split with DDIM-50, the gated sampler under both sampling-time decisions
+(``per_step``, the paper, and ``per_sample``) and the two branches alone (same seed), and scored by:
+
+- AUROC of ``1 - c`` (the gate's confidence averaged over the sampling steps) for divergent tiles;
+- routing: the share of divergent tiles sent to uni and of consistent tiles sent to multi (per-sample decision, or
+  for ``per_step`` whether at least half of a tile's steps went to multi);
+- gated PSNR minus the better branch (``max(uni, multi)``) on the consistent and on the divergent subset;
+- the direction of routing (divergent tiles to multi less often than consistent ones) on each thread count.
+
+Every figure is given per run (params ``variant``, ``seed``, ``threads``) and as mean with the seed spread (sd).
+Runs are cached under ``benchmarks/results/tmp_damm_gate/`` (a killed run resumes from its last checkpoint, an
+evaluated one is reused). One-thread runs go two at a time on a 2-core machine (spawned processes).
+Run: ``python -m benchmarks.damm_gate [--quick] [--variants paper averaged] [--seeds 0 1 2] [--threads 1 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.timing import figure
+
+__all__ = ["NAME", "SEEDS", "THREADS", "VARIANTS", "run"]
+
+NAME = "damm_gate"
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "benchmarks" / "results" / "tmp_damm_gate"
+
+#: gate-training variant -> train.json overrides ("paper" is the bundle default).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "averaged": {
+        "dm_gate_training": "averaged",
+        "dm_gate_balance": True,
+        "dm_gate_calibration_fraction": 0.1,
+    },
+}
+SEEDS = (0, 1, 2)
+THREADS = (1, 2)
+DECISIONS = ("per_step", "per_sample")
+SUBSETS = ("consistent", "divergent")
+TARGET_AUROC = 0.85
+TARGET_ROUTING = 80.0
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    from benchmarks.damm_sampling import auroc
+
+    return auroc(score, positive)
+
+
+def evaluate_run(root: Path, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Gate statistics of the trained model under ``root`` (see the module docstring)."""
+    from benchmarks.damm_quality import bundle_workflow
+    from damm.data import load_split
+    from damm.evaluation import load_items, per_item_metrics
+    from damm.model import load_model
+
+    wf = bundle_workflow(root, data, "train_diffusion", overrides)
+    wf.initialize()
+    parser = wf.parser
+    model = load_model(parser.get_parsed_content("network"), root / "models" / "model.pt")
+    keys = parser.get_parsed_content("modalities")
+    items = load_split(parser.get_parsed_content("datalist_file"), "test", keys)
+    images, info = load_items(items, parser.get_parsed_content("preprocessing"), keys)
+    win = int(parser.get_parsed_content("ae_ssim_win_size"))
+    base = parser.get_parsed_content("train::inferer").replace(
+        sampler="ddim", num_inference_steps=50, num_samples=1, progress=False
+    )
+    target, conditions = images[model.target], [images[k] for k in model.conditions]
+    out: dict[str, Any] = {"divergent": [bool(i["divergent"]) for i in info]}
+    for branch in ("uni", "multi"):
+        res = base.replace(branch=branch).sample(conditions, model)
+        out[f"{branch}_psnr"] = per_item_metrics(res.prediction, target, 2, win)["psnr"].tolist()
+    for decision in DECISIONS:
+        res = base.replace(branch="damm", gate_decision=decision).sample(conditions, model)
+        out[decision] = {
+            "psnr": per_item_metrics(res.prediction, target, 2, win)["psnr"].tolist(),
+            "confidence": res.confidence.float().mean(dim=(1, 2)).tolist(),
+            "multi": (res.sample_choices.float().mean(dim=1) >= 0.5).tolist(),
+            "multi_step_fraction": res.gate_choices.float().mean(dim=(1, 2)).tolist(),
+        }
+    return out
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one variant/seed/thread-count model and evaluate it (in its own process)."""
+    import torch
+
+    from benchmarks.damm_quality import train_stage
+    from ddcore.atomic import atomic_write_json
+
+    torch.set_num_threads(job["threads"])
+    root, data = Path(job["root"]), Path(job["data"])
+    cached = root / "gate.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(job["ae"]), root / "models" / "model_autoencoder.pt")
+    train_stage(root, data, job["overrides"], "train_diffusion")
+    result = evaluate_run(root, data, job["overrides"])
+    atomic_write_json(result, cached)
+    return result
+
+
+def _run_jobs(jobs: list[dict[str, Any]], cores: int) -> list[dict[str, Any]]:
+    """Run jobs grouped by thread count, ``cores // threads`` at a time, each in a spawned process."""
+    results: dict[int, dict[str, Any]] = {}
+    for threads in sorted({j["threads"] for j in jobs}):
+        group = [(i, j) for i, j in enumerate(jobs) if j["threads"] == threads]
+        workers = max(1, min(len(group), cores // threads))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            for (i, _), res in zip(group, pool.map(run_job, [j for _, j in group])):
+                results[i] = res
+    return [results[i] for i in range(len(jobs))]
+
+
+def run_statistics(res: dict[str, Any], decision: str) -> dict[str, float]:
+    """The scores of one evaluated run under one sampling-time decision.
+
+    Args:
+        res: :func:`evaluate_run`'s record.
+        decision: ``per_step`` or ``per_sample``.
+
+    Returns:
+        ``auroc``, ``divergent_to_uni`` and ``consistent_to_multi`` (%), ``gated_minus_best_<subset>`` (dB),
+        ``routing_direction`` (consistent minus divergent share of steps to multi, percentage points).
+    """
+    div = np.asarray(res["divergent"], dtype=bool)
+    rec = res[decision]
+    multi = np.asarray(rec["multi"], dtype=bool)
+    steps = np.asarray(rec["multi_step_fraction"], dtype=np.float64)
+    gated, uni, mul = (np.asarray(x, dtype=np.float64) for x in (rec["psnr"], res["uni_psnr"], res["multi_psnr"]))
+    stats = {
+        "auroc": _auroc(1.0 - np.asarray(rec["confidence"], dtype=np.float64), div),
+        "divergent_to_uni": 100.0 * float((~multi[div]).mean()),
+        "consistent_to_multi": 100.0 * float(multi[~div].mean()),
+        "routing_direction": 100.0 * float(steps[~div].mean() - steps[div].mean()),
+    }
+    for subset, mask in (("consistent", ~div), ("divergent", div)):
+        best = max(float(uni[mask].mean()), float(mul[mask].mean()))
+        stats[f"gated_minus_best_{subset}"] = float(gated[mask].mean()) - best
+    return stats
+
+
+_UNITS = {"auroc": "", "divergent_to_uni": "%", "consistent_to_multi": "%", "routing_direction": "pp"}
+_LABELS = {
+    "auroc": "AUROC of 1 - c for divergent tiles",
+    "divergent_to_uni": "divergent tiles routed to uni",
+    "consistent_to_multi": "consistent tiles routed to multi",
+    "routing_direction": "steps to multi, consistent minus divergent",
+    "gated_minus_best_consistent": "gated minus best branch PSNR, consistent tiles",
+    "gated_minus_best_divergent": "gated minus best branch PSNR, divergent tiles",
+}
+
+
+def _figures(runs: list[tuple[dict[str, Any], dict[str, Any]]], quick: bool) -> list[dict]:
+    figs: list[dict] = []
+    table: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    for job, res in runs:
+        for decision in DECISIONS:
+            stats = run_statistics(res, decision)
+            key = (job["variant"], decision, job["threads"])
+            table.setdefault(key, []).append(stats)
+            p = {"variant": job["variant"], "decision": decision, "seed": job["seed"], "threads": job["threads"]}
+            for k, v in stats.items():
+                label = f"{job['variant']} {decision} seed {job['seed']} {job['threads']} thr: {_LABELS[k]}"
+                figs.append(figure(label, v, _UNITS.get(k, "dB"), quick=quick, **p))
+    for (variant, decision, threads), rows in sorted(table.items()):
+        p = {"variant": variant, "decision": decision, "threads": threads, "seeds": len(rows), "quick": quick}
+        for k in rows[0]:
+            vals = np.array([r[k] for r in rows], dtype=np.float64)
+            extra: dict[str, Any] = {"sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            if k == "auroc":
+                extra["target"], extra["met"] = TARGET_AUROC, bool(vals.mean() >= TARGET_AUROC)
+            elif k in ("divergent_to_uni", "consistent_to_multi"):
+                extra["target"], extra["met"] = TARGET_ROUTING, bool(vals.mean() >= TARGET_ROUTING)
+            elif k.startswith("gated_minus_best"):
+                extra["every_seed_at_least_best"] = bool((vals >= 0).all())
+            name = f"{variant} {decision} {threads} thr, mean of {len(rows)} seeds: {_LABELS[k]}"
+            figs.append(figure(name, float(vals.mean()), _UNITS.get(k, "dB"), **extra, **p))
+        if threads != min(t for _, _, t in table):
+            continue
+        other = [t for v, d, t in table if v == variant and d == decision and t != threads]
+        for t2 in other:
+            dirs = [np.sign(r["routing_direction"]) for r in rows + table[(variant, decision, t2)]]
+            same = bool(len(set(dirs)) == 1)
+            figs.append(
+                figure(
+                    f"{variant} {decision}: same routing direction on {threads} and {t2} threads, every seed",
+                    1.0 if same else 0.0,
+                    "",
+                    variant=variant,
+                    decision=decision,
+                    quick=quick,
+                )
+            )
+    return figs
+
+
+QUICK = {
+    "synthetic_args": {"n": 24, "size": 32, "divergent_fraction": 0.3, "seed": 0},
+    "ae_channels": [8, 8, 8],
+    "ae_norm_num_groups": 8,
+    "dm_channels": [8, 8, 8, 8],
+    "dm_time_embed_dim": 16,
+    "ae_iterations": 4,
+    "ae_batch_size": 4,
+    "dm_iterations": 10,
+    "dm_batch_size": 4,
+    "dm_divergence_aware_start_iteration": 3,
+}
+
+
+def run(
+    quick: bool = False,
+    variants: list[str] | None = None,
+    seeds: list[int] | None = None,
+    threads: list[int] | None = None,
+) -> list[dict]:
+    """Train (or reuse), evaluate and score every variant x seed x thread-count run.
+
+    Args:
+        quick: toy sizes in a temporary folder, one seed, one thread.
+        variants: names of :data:`VARIANTS` (default all).
+        seeds: training seeds (default :data:`SEEDS`).
+        threads: torch thread counts (default :data:`THREADS`).
+
+    Returns:
+        Figure records.
+    """
+    from benchmarks.damm_quality import train_stage
+
+    variants = list(variants or VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"damm_gate: unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    seeds = list(seeds if seeds is not None else ([0] if quick else SEEDS))
+    threads = list(threads if threads is not None else ([1] if quick else THREADS))
+    tmp = Path(tempfile.mkdtemp(prefix="damm_gate_")) if quick else None
+    base = tmp if tmp is not None else CACHE
+    common = dict(QUICK) if quick else {}
+    data, ae_root = base / "data" / "synthetic_np", base / "autoencoder"
+    try:
+        train_stage(ae_root, data, {**common, "num_threads": 1 if quick else 2}, "train_autoencoder")
+        jobs = [
+            {
+                "variant": v,
+                "seed": s,
+                "threads": t,
+                "root": str(base / f"{v}_seed{s}_threads{t}"),
+                "data": str(data),
+                "ae": str(ae_root / "models" / "model_autoencoder.pt"),
+                "overrides": {**common, **VARIANTS[v], "seed": s, "num_threads": t},
+            }
+            for v in variants
+            for s in seeds
+            for t in threads
+        ]
+        results = _run_jobs(jobs, cores=1 if quick else max(1, len(os.sched_getaffinity(0))))
+        return _figures(list(zip(jobs, results)), quick)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.damm_gate", description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--threads", nargs="+", type=int, default=None)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.quick, args.variants, args.seeds, args.threads), indent=2))
+
+
+if __name__ == "__main__":
+    main()
