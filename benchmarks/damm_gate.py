@@ -258,7 +258,7 @@ def run(
     common = dict(QUICK) if quick else {}
     data, ae_root = base / "data" / "synthetic_np", base / "autoencoder"
     try:
-        train_stage(ae_root, data, {**common, "num_threads": 1 if quick else 2}, "train_autoencoder")
+        train_stage(ae_root, data, {**common, "num_threads": 1}, "train_autoencoder")
         jobs = [
             {
                 "variant": v,

@@ -246,9 +246,53 @@ def _curve_and_ema(rec: dict[str, Any]) -> str:
     return f"PSNR / SSIM ({region}) at a fraction of every stage's iteration budget:\n\n" + "\n".join(lines) + "\n"
 
 
+_GATE_COLUMNS = (
+    ("AUROC of 1 - c for divergent tiles", "AUROC 1 - c (divergent)", 2, ""),
+    ("divergent tiles routed to uni", "divergent to uni", 0, " %"),
+    ("consistent tiles routed to multi", "consistent to multi", 0, " %"),
+    ("gated minus best branch PSNR, consistent tiles", "gated - best, consistent", 2, " dB"),
+    ("gated minus best branch PSNR, divergent tiles", "gated - best, divergent", 2, " dB"),
+)
+
+
+def _gate(rec: dict[str, Any]) -> str:
+    """Issue 14's gate table: one row per variant, decision and thread count; mean +- sd over the seeds."""
+    rows: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    same: dict[tuple[str, str], float] = {}
+    for fig in rec.get("figures", []):
+        p = fig.get("params", {})
+        if "seeds" in p:
+            label = fig["name"].split(": ", 1)[1]
+            rows.setdefault((p["variant"], p["decision"], p["threads"]), {})[label] = {"value": fig["value"], **p}
+        elif "same routing direction" in fig["name"]:
+            same[(p["variant"], p["decision"])] = fig["value"]
+    head = "| gate training | decision | threads | seeds | " + " | ".join(c[1] for c in _GATE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(_GATE_COLUMNS))]
+    for (variant, decision, threads), cols in sorted(rows.items()):
+        seeds = next(iter(cols.values()))["seeds"]
+        cells = []
+        for key, _, digits, unit in _GATE_COLUMNS:
+            c = cols.get(key)
+            if c is None:
+                cells.append("")
+                continue
+            text = f"{c['value']:.{digits}f} ± {c['sd']:.{digits}f}{unit}"
+            if "met" in c:
+                text += " (met)" if c["met"] else ""
+            elif c.get("every_seed_at_least_best"):
+                text += " (every seed)"
+            cells.append(text)
+        lines.append(f"| {variant} | {decision} | {threads} | {seeds} | " + " | ".join(cells) + " |")
+    if same:
+        flips = [f"{v} {d}: {'same' if ok else 'NOT the same'}" for (v, d), ok in sorted(same.items())]
+        lines += ["", "Direction of routing on 1 and 2 threads, every seed: " + "; ".join(flips) + "."]
+    return "\n".join(lines) + "\n"
+
+
 #: block name -> (record name, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main_job": ("damm_quality", _main_job),
+    "damm_gate": ("damm_gate", _gate),
     "task_brats": ("task_brats", lambda r: _task_table(r, "brain", "tumour")),
     "task_microscopy": ("task_microscopy", lambda r: _task_table(r, "field", None)),
     "task_brats_autoencoder": ("task_brats_autoencoder", _autoencoder_lever),

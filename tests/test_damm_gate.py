@@ -187,6 +187,17 @@ def test_label_rates_per_timestep_bucket_accumulate_over_the_epoch():
     assert out["label_rate_t750_1000"] == pytest.approx(1 / 3)
 
 
+def test_training_confidence_is_split_by_subset():
+    from damm.engines.diffusion_trainer import _confidence_by_subset
+
+    c = torch.tensor([0.2, 0.4, 0.9, 0.7])
+    out = _confidence_by_subset(c, torch.tensor([True, True, False, False]))
+    assert out == {"confidence_mean_consistent": pytest.approx(0.8), "confidence_mean_divergent": pytest.approx(0.3)}
+    only = _confidence_by_subset(c, [False] * 4)
+    assert only["confidence_mean_consistent"] == pytest.approx(0.55) and math.isnan(only["confidence_mean_divergent"])
+    assert _confidence_by_subset(c, None) == {} and _confidence_by_subset(None, [True] * 4) == {}
+
+
 class _ToyDenoiser(torch.nn.Module):
     """Zero predictions and a known confidence per sample as a function of the timestep."""
 
@@ -259,3 +270,34 @@ def test_per_sample_decisions_are_reported_per_input_and_per_subset():
     }
     table = format_table(results)
     assert "samples gated to multi (cons/div)" in table and "1.00 / 0.25" in table and "0.90 / 0.20" in table
+
+
+def test_gate_benchmark_scores_hand_computed_runs():
+    """benchmarks.damm_gate.run_statistics: AUROC, routing shares, direction and gated-minus-best on 4 tiles."""
+    from benchmarks.damm_gate import _figures, run_statistics
+
+    res = {
+        "divergent": [True, True, False, False],
+        "uni_psnr": [20.0, 22.0, 18.0, 18.0],
+        "multi_psnr": [19.0, 21.0, 20.0, 22.0],
+        "per_step": {
+            "psnr": [20.0, 22.0, 20.0, 22.0],
+            "confidence": [0.2, 0.6, 0.4, 0.9],  # 1 - c ranks divergent above consistent in 3 of 4 pairs
+            "multi": [False, True, True, True],
+            "multi_step_fraction": [0.0, 0.6, 0.5, 1.0],
+        },
+    }
+    res["per_sample"] = res["per_step"]
+    s = run_statistics(res, "per_step")
+    assert s["auroc"] == pytest.approx(0.75)
+    assert s["divergent_to_uni"] == pytest.approx(50.0)
+    assert s["consistent_to_multi"] == pytest.approx(100.0)
+    assert s["routing_direction"] == pytest.approx(100.0 * (0.75 - 0.3))
+    assert s["gated_minus_best_divergent"] == pytest.approx(21.0 - 21.0)  # uni mean 21 is the better branch
+    assert s["gated_minus_best_consistent"] == pytest.approx(21.0 - 21.0)
+    flipped = {**res, "per_step": {**res["per_step"], "multi_step_fraction": [1.0, 1.0, 0.0, 0.0]}}
+    flipped["per_sample"] = flipped["per_step"]
+    jobs = [({"variant": "v", "seed": 0, "threads": 1}, res), ({"variant": "v", "seed": 0, "threads": 2}, flipped)]
+    figs = {f["name"]: f["value"] for f in _figures(jobs, quick=True)}
+    assert figs["v per_step: same routing direction on 1 and 2 threads, every seed"] == 0.0
+    assert figs["v per_step 1 thr, mean of 1 seeds: AUROC of 1 - c for divergent tiles"] == pytest.approx(0.75)

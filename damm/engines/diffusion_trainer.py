@@ -11,7 +11,9 @@ attached as ignite metrics (``epoch_<name>``).
 Gate diagnosis and training (issue 14): the output also holds the label rate per timestep quarter
 (``label_rate_t0_250`` ... ``label_rate_t750_1000`` for T = 1000; epoch to date, NaN while a quarter has had no
 labelled sample) and, when the batch carries a ``divergent`` flag, ``label_divergence_agreement`` (share of labels
-``y = not divergent``). With ``gate_training="averaged"`` the trainer draws ``gate_label_timesteps`` further
+``y = not divergent``) and the batch's mean confidence on its consistent and divergent samples
+(``confidence_mean_consistent``, ``confidence_mean_divergent``; their epoch means show how the gate's separation
+develops over training). With ``gate_training="averaged"`` the trainer draws ``gate_label_timesteps`` further
 timesteps per sample (no gradient) whose branch errors average into the label. The last
 ``gate_calibration_iterations`` iterations are a calibration phase: the network runs in eval mode, the loss is the
 confidence term alone and only the confidence path (``uafm.confidence_head``) is updated, the denoiser frozen.
@@ -65,6 +67,20 @@ def confidence_parameters(network: nn.Module) -> list[tuple[str, nn.Parameter]]:
         ``(name, parameter)`` pairs whose name contains ``uafm.confidence_head.``.
     """
     return [(n, p) for n, p in network.named_parameters() if CONFIDENCE_PATH in f".{n}"]
+
+
+def _confidence_by_subset(confidence: torch.Tensor | None, divergent: Any) -> dict[str, float]:
+    """Mean confidence ``c`` of this batch's consistent and divergent samples (NaN for an absent subset)."""
+    if confidence is None or divergent is None:
+        return {}
+    c = confidence.detach().float().cpu().reshape(-1)
+    flag = torch.as_tensor(divergent).reshape(-1).bool().cpu()
+    if flag.numel() != c.numel():
+        return {}
+    return {
+        f"confidence_mean_{name}": float(c[mask].mean()) if mask.any() else float("nan")
+        for name, mask in (("consistent", ~flag), ("divergent", flag))
+    }
 
 
 def label_rate_buckets(num_train_timesteps: int, buckets: int = 4) -> list[tuple[int, int, str]]:
@@ -324,6 +340,7 @@ class DAMMDiffusionTrainer(Trainer):
         result["divergence_aware"] = float(phase_b)
         result["gate_calibration"] = float(calibration)
         result.update(self._label_diagnosis(timesteps, batchdata.get("divergent")))
+        result.update(_confidence_by_subset(output.confidence, batchdata.get("divergent")))
         return result
 
     @torch.no_grad()
