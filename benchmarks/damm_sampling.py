@@ -3,9 +3,11 @@
 On the default DAMM model trained on the default synthetic data (the bundle's ``train.json`` defaults, its default
 ``confidence_source``), with the capped test split and one seed:
 
-1. **Samplers**: DDPM-1000 (the paper) and DDIM-{10, 25, 50, 100} on the same inputs and seed (same initial noise):
-   seconds per image (all inputs in one batch), PSNR/SSIM of the gated (``damm``) prediction and their difference to
-   DDPM-1000 (the reference of every DDIM figure, so the report shows the ratio).
+1. **Samplers**: DDPM-1000 (the paper), DDIM-{10, 25, 50, 100} (the config's ``eta``), DPM-Solver++(2M)-{5, 10, 15,
+   20, 25} and PNDM (PLMS)-{10, 25, 50} (deterministic; :mod:`damm.schedulers`) on the same inputs and seed (same
+   initial noise): seconds per image (all inputs in one batch), PSNR/SSIM of the gated (``damm``) prediction and their
+   difference to DDPM-1000 (the reference of every other figure, so the report shows the ratio). The plots put them
+   against the denoiser evaluations per sample (the steps; PNDM-N evaluates N + 1 times).
 2. **K-sample averaging** with DDIM-50: K = 1, 4, 8 samples per input, the prediction being their mean: seconds per
    image, PSNR/SSIM, PSNR gain over K = 1.
 3. **Confidence separation**: each branch alone (``uni``, ``multi``; DDIM-50, same seed); a tile is "multi better"
@@ -50,19 +52,29 @@ FULL = {
     "overrides": {},
     "tiles": 32,
     "ddim_steps": (10, 25, 50, 100),
+    "dpm_solver_steps": (5, 10, 15, 20, 25),
+    "pndm_steps": (10, 25, 50),
     "main_steps": 50,
     "num_samples": (1, 4, 8),
-    # timed repeats per DDIM step count (DDPM-1000, K > 1 and the single branches run once)
-    "repeats": {10: 5, 25: 3, 50: 3, 100: 2},
+    # timed repeats per step count of DDIM, DPM-Solver and PNDM (DDPM-1000, K > 1 and the single branches run once)
+    "repeats": {5: 5, 10: 5, 15: 3, 20: 3, 25: 3, 50: 3, 100: 2},
 }
 # quick: the toy model of damm_quality with T = 100 training steps, so that DDPM-T takes seconds, not a minute
 QUICK_RUN = {
     "overrides": {**QUICK, "num_train_timesteps": 100},
     "tiles": 4,
     "ddim_steps": (2, 4),
+    "dpm_solver_steps": (2, 4),
+    "pndm_steps": (2, 4),
     "main_steps": 4,
     "num_samples": (1, 4, 8),
     "repeats": {2: 3, 4: 3},
+}
+# sampler -> (name in the figures: "DAMM <name>-<steps> ...", plot series)
+SAMPLER_LABELS = {
+    "ddim": ("DDIM", "DDIM (gated)"),
+    "dpm_solver": ("DPM-Solver", "DPM-Solver++(2M) (gated)"),
+    "pndm": ("PNDM", "PNDM (PLMS, gated)"),
 }
 REFERENCE_LABEL = "DDPM-{steps} (the paper's sampler: all training steps), same model, inputs and seed"
 CHANCE_LABEL = "chance (AUROC 0.5)"
@@ -149,8 +161,8 @@ def run(quick: bool = False) -> list[dict]:
     """Train (or reuse) the default model and measure sampling.
 
     Args:
-        quick: toy model with T = 100 training steps, its 3-4 test tiles, DDIM-{2, 4} and DDPM-100, in a temporary
-            folder (well under a minute).
+        quick: toy model with T = 100 training steps, its 3-4 test tiles, DDIM-, DPM-Solver- and PNDM-{2, 4} and
+            DDPM-100, in a temporary folder (well under a minute).
 
     Returns:
         Figure records.
@@ -184,11 +196,12 @@ def _measure(ctx: dict[str, Any], cfg: dict[str, Any], quick: bool) -> list[dict
     ddpm = base.replace(sampler="ddpm", branch="damm", num_samples=1)
     t_ddpm = ddpm.num_inference_steps
     runs: dict[str, dict[str, Any]] = {}
-    for sampler, steps in [("ddpm", t_ddpm)] + [("ddim", s) for s in cfg["ddim_steps"]]:
+    plan = [("ddpm", t_ddpm)] + [(name, s) for name in SAMPLER_LABELS for s in cfg[f"{name}_steps"]]
+    for sampler, steps in plan:
         if sampler == "ddpm":
             inf = ddpm
         else:
-            inf = base.replace(sampler="ddim", num_inference_steps=steps, branch="damm", num_samples=1)
+            inf = base.replace(sampler=sampler, num_inference_steps=steps, branch="damm", num_samples=1)
         repeat = 1 if sampler == "ddpm" else int(cfg["repeats"].get(steps, 1))
         res, median, spread = _timed(sample(inf), repeat)
         runs[f"{sampler}-{steps}"] = {
@@ -200,14 +213,24 @@ def _measure(ctx: dict[str, Any], cfg: dict[str, Any], quick: bool) -> list[dict
             "metrics": _quality(res, ctx),
             "eta": inf.eta if sampler == "ddim" else None,
             "repeat": repeat,
+            "evaluations": len(res.timesteps),
         }
     ref = runs[f"ddpm-{t_ddpm}"]
     ref_psnr, ref_ssim = float(ref["metrics"]["psnr"].mean()), float(ref["metrics"]["ssim"].mean())
-    for label, r in runs.items():
-        name = label.upper()
+    xlabel = "denoiser evaluations per sample (= steps; PNDM-N: N + 1)"
+    for r in runs.values():
         is_ref = r["sampler"] == "ddpm"
-        series = f"DDPM-{t_ddpm} (the paper)" if is_ref else "DDIM (gated)"
-        p = {"sampler": r["sampler"], "steps": r["steps"], "K": 1, "eta": r["eta"], "repeats": r["repeat"], **common}
+        prefix, series = ("DDPM", f"DDPM-{t_ddpm} (the paper)") if is_ref else SAMPLER_LABELS[r["sampler"]]
+        name = f"{prefix}-{r['steps']}"
+        p = {
+            "sampler": r["sampler"],
+            "steps": r["steps"],
+            "evaluations": r["evaluations"],
+            "K": 1,
+            "eta": r["eta"],
+            "repeats": r["repeat"],
+            **common,
+        }
         psnr, ssim = float(r["metrics"]["psnr"].mean()), float(r["metrics"]["ssim"].mean())
         ref_kw: dict[str, Any] = {}
         figs.append(
@@ -223,9 +246,9 @@ def _measure(ctx: dict[str, Any], cfg: dict[str, Any], quick: bool) -> list[dict
                 ),
                 plot={
                     "id": "DAMM sampling time vs steps",
-                    "x": r["steps"],
+                    "x": r["evaluations"],
                     "series": series,
-                    "xlabel": "sampling steps",
+                    "xlabel": xlabel,
                     "ylabel": "seconds per image",
                     "logx": True,
                     "logy": True,
@@ -243,9 +266,9 @@ def _measure(ctx: dict[str, Any], cfg: dict[str, Any], quick: bool) -> list[dict
                 **ref_kw,
                 plot={
                     "id": "DAMM sampling quality vs steps",
-                    "x": r["steps"],
+                    "x": r["evaluations"],
                     "series": series,
-                    "xlabel": "sampling steps",
+                    "xlabel": xlabel,
                     "ylabel": "PSNR of the gated prediction (dB)",
                     "logx": True,
                 },

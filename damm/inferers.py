@@ -1,10 +1,12 @@
 """DAMM-Diffusion sampling: a MONAI ``Inferer`` that turns condition images into the target modality.
 
 :class:`DAMMInferer` encodes the condition images with their (frozen) autoencoders, runs the reverse diffusion in
-latent space with MONAI's ``DDPMScheduler`` (the paper: all 1000 steps) or ``DDIMScheduler`` (``N`` steps, ``eta``),
-lets the denoiser's DAMMP gate pick the uni- or multi-modal noise prediction at every step (or forces one branch),
-and decodes with the target autoencoder. It draws ``K`` samples per input (mean and per-pixel standard deviation),
-is seeded, and also returns the UAFM confidence map, the per-step branch choices and one decision per sample.
+latent space with MONAI's ``DDPMScheduler`` (the paper: all 1000 steps), ``DDIMScheduler`` (``N`` steps, ``eta``),
+``PNDMScheduler`` (PLMS, ``N`` steps) or DPM-Solver++(2M) (``N`` steps; all built by :mod:`damm.schedulers`), lets
+the denoiser's DAMMP gate pick the uni- or multi-modal noise prediction at every step (or forces one branch; the
+multistep solvers keep the chosen prediction as their history), and decodes with the target autoencoder. It draws
+``K`` samples per input (mean and per-pixel standard deviation), is seeded, and also returns the UAFM confidence map,
+the per-step branch choices and one decision per sample.
 
 The gating decision (``gate_decision``): ``"per_step"`` (the paper) compares ``c`` with ``gamma`` at every step;
 ``"per_sample"`` decides once per sample from ``c`` averaged over the first ``gate_decision_steps`` steps (during
@@ -28,9 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
 
+from damm import schedulers
 from ddcore.device import module_device
 from ddcore.precision import autocast, canonical_precision, check_precision
 
@@ -103,9 +106,11 @@ class DAMMInferer(Inferer):
         scheduler: the training noise scheduler (MONAI ``DDPMScheduler``: 1000 steps, ``scaled_linear_beta``
             0.002 -> 0.02, epsilon prediction, ``clip_sample=False``). Used to add noise during training and,
             when ``sampler="ddpm"``, to sample.
-        sampler: ``"ddpm"`` (ancestral, the paper; always all training steps) or ``"ddim"``.
+        sampler: ``"ddpm"`` (ancestral, the paper; always all training steps), ``"ddim"``, ``"pndm"`` (PLMS; the
+            denoiser runs ``N + 1`` times) or ``"dpm_solver"`` (DPM-Solver++(2M)); see :mod:`damm.schedulers`. The
+            last two are deterministic and need far fewer steps than DDIM.
         num_inference_steps: sampling steps (``None``: all training steps); DDPM needs all of them.
-        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like); ignored for DDPM.
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like); used by DDIM only.
         branch: ``"damm"`` (DAMMP-gated), ``"uni"`` or ``"multi"``.
         num_samples: K samples per input; the prediction is their mean.
         seed: seed of the sampling noise (``None``: the global RNG).
@@ -143,8 +148,7 @@ class DAMMInferer(Inferer):
         super().__init__()
         # the name now (no device yet: fp16 is accepted here and refused at sampling time off CUDA)
         precision = canonical_precision(precision)
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"DAMMInferer: sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        schedulers.check_sampler(sampler)
         if branch not in BRANCHES:
             raise ValueError(f"DAMMInferer: branch must be one of {BRANCHES}, got {branch!r}")
         if int(num_samples) < 1:
@@ -168,7 +172,7 @@ class DAMMInferer(Inferer):
             raise ValueError(
                 f"DAMMInferer: DDPM sampling runs all {self.num_train_timesteps} steps (MONAI's DDPMScheduler.step "
                 f"assumes consecutive timesteps); got num_inference_steps={num_inference_steps}. Use sampler='ddim' "
-                "for fewer steps."
+                "(or 'dpm_solver', 'pndm') for fewer steps."
             )
         self.num_inference_steps = steps
         self.eta = float(eta)
@@ -194,47 +198,16 @@ class DAMMInferer(Inferer):
         check_precision(self.precision, device, setting="precision")
 
     # ------------------------------------------------------------------ schedulers
-    def make_sampling_scheduler(self) -> DDPMScheduler | DDIMScheduler:
-        """A scheduler for one sampling run, its timesteps set to ``num_inference_steps``.
+    def make_sampling_scheduler(self) -> Scheduler:
+        """A fresh scheduler for one sampling run (:func:`damm.schedulers.make_sampling_scheduler`).
 
-        DDIM gets the training schedule (same ``betas``), ``clip_sample=False`` and the training prediction type.
+        Every sampler gets the training schedule (same ``betas``), ``clip_sample=False`` and the training prediction
+        type; its timesteps are set for ``num_inference_steps``.
 
         Returns:
-            A fresh scheduler (so concurrent runs do not share state).
+            A fresh scheduler (so concurrent runs do not share state, nor multistep solvers their history).
         """
-        if self.sampler == "ddpm":
-            sched = DDPMScheduler(
-                num_train_timesteps=self.num_train_timesteps,
-                schedule="linear_beta",
-                clip_sample=False,
-                prediction_type=self.scheduler.prediction_type,
-                variance_type=getattr(self.scheduler, "variance_type", "fixed_small"),
-            )
-            self._copy_schedule(sched)
-        else:
-            sched = DDIMScheduler(
-                num_train_timesteps=self.num_train_timesteps,
-                schedule="linear_beta",
-                clip_sample=False,
-                prediction_type=self.scheduler.prediction_type,
-            )
-            self._copy_schedule(sched)
-        sched.set_timesteps(self.num_inference_steps)
-        if isinstance(sched, DDIMScheduler):
-            # MONAI spaces DDIM timesteps with linspace(T - 1, 0) but steps back by T // N: use the evenly strided
-            # grid (N - 1) * T // N, ..., T // N, 0 so that every step lands exactly on the next timestep
-            ratio = self.num_train_timesteps // self.num_inference_steps
-            sched.timesteps = torch.arange(self.num_inference_steps - 1, -1, -1, dtype=torch.long) * ratio
-        return sched
-
-    def _copy_schedule(self, sched: Any) -> None:
-        sched.betas = self.scheduler.betas.clone()
-        sched.alphas = self.scheduler.alphas.clone()
-        sched.alphas_cumprod = self.scheduler.alphas_cumprod.clone()
-        if hasattr(sched, "final_alpha_cumprod"):
-            sched.final_alpha_cumprod = torch.tensor(1.0)
-        if hasattr(sched, "one"):
-            sched.one = torch.tensor(1.0)
+        return schedulers.make_sampling_scheduler(self.sampler, self.scheduler, self.num_inference_steps)
 
     def settings(self) -> dict[str, Any]:
         """The sampling settings (for sidecars and reports).
@@ -471,6 +444,9 @@ class DAMMInferer(Inferer):
                 prev, _ = sched.step(eps.cpu(), t, x.cpu(), eta=self.eta, generator=generator)
                 return prev.to(x.device)
             prev, _ = sched.step(eps, t, x, eta=0.0)
+            return prev
+        if not isinstance(sched, DDPMScheduler):  # PNDM, DPM-Solver++: deterministic, on the latent's device
+            prev, _ = sched.step(eps, t, x)
             return prev
         prev, _ = sched.step(eps.cpu(), t, x.cpu(), generator=generator)
         return prev.to(x.device)

@@ -10,6 +10,8 @@ from ignite.engine import Engine
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 
+from damm.schedulers import SAMPLER_SCHEDULERS
+
 __all__ = ["SynthesisEvaluator", "describe_scheduler"]
 
 
@@ -30,7 +32,7 @@ def describe_scheduler(inferer: Any) -> dict[str, Any]:
         "beta_start": round(float(betas[0]), 6),
         "beta_end": round(float(betas[-1]), 6),
         "prediction_type": str(sched.prediction_type),
-        "sampler": "DDIMScheduler" if inferer.sampler == "ddim" else "DDPMScheduler",
+        "sampler": SAMPLER_SCHEDULERS[inferer.sampler],
         "num_inference_steps": inferer.num_inference_steps,
         "eta": inferer.eta if inferer.sampler == "ddim" else None,
     }

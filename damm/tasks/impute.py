@@ -181,7 +181,7 @@ def impute(
         overrides: other config entries (e.g. ``{"task_pixdim": [2, 2, 2]}``). The preprocessing the model was
             trained with (target, conditions, ``task_pixdim``, ``task_axcodes``, ``task_lower``, ``task_upper``) is
             read from ``models/task_preprocessing.json`` (written at training) and applied unless given here.
-        sampler: ``"ddim"`` or ``"ddpm"`` (default: the config's).
+        sampler: one of :data:`damm.schedulers.SAMPLERS` (default: the config's).
         steps: sampling steps (default: the config's).
         eta: DDIM eta (default: the config's).
         seed: sampling seed (default: the config's).
@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit status (0 on success; errors exit with 2 and a message).
     """
+    from damm.schedulers import SAMPLERS
+
     parser = argparse.ArgumentParser(
         prog="python -m damm.tasks.impute",
         description="Synthesise a subject's missing MRI modality (default FLAIR from T2, T1, T1c) with a trained "
@@ -363,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trivial_baselines.json)",
     )
     parser.add_argument("--intensity-range", nargs=2, type=float, default=None, metavar=("LOWER", "UPPER"))
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")

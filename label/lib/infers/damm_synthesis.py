@@ -10,8 +10,9 @@ Two kinds of bundle config are served, told apart by what the merged config defi
   its sidecar.
 
 The response file is the synthesised modality; the JSON result carries the sidecar (branch routing, sampler,
-steps, seed) and ``synthetic: true``. Request parameters: ``sampler`` (ddim / ddpm), ``steps``, ``seed``,
-``num_samples``, ``branch`` (damm / uni / multi). The loaded network is built once and reused by every request.
+steps, seed) and ``synthetic: true``. Request parameters: ``sampler`` (ddim / ddpm / pndm / dpm_solver),
+``steps``, ``seed``, ``num_samples``, ``branch`` (damm / uni / multi). The loaded network is built once and reused
+by every request.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["DAMMSynthesis"]
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "pndm", "dpm_solver")  # damm.schedulers.SAMPLERS
 BRANCHES = ("damm", "uni", "multi")
 MAX_SAMPLES = 16
 
