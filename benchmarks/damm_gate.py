@@ -50,6 +50,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "dm_gate_balance": True,
         "dm_gate_calibration_fraction": 0.1,
     },
+    "both": {
+        "dm_gate_branch_loss": "both",
+        "dm_gate_training": "averaged",
+        "dm_gate_balance": True,
+        "dm_gate_calibration_fraction": 0.1,
+    },
 }
 SEEDS = (0, 1, 2)
 THREADS = (1, 2)

@@ -13,7 +13,10 @@ above, exactly): ``"averaged"`` takes the label from the branch errors averaged 
 extra timesteps the trainer draws per sample (``label_losses``), so that one noise draw no longer decides it;
 ``gate_label_margin`` leaves samples whose two errors differ by less than that share of their mean without a label
 (masked from the BCE); ``gate_balance`` weights both classes equally in the BCE; ``gate_temperature`` T scores
-``sigmoid(logit(c) / T)`` in the BCE. The calibration phase (``calibration=True``) uses the confidence term alone.
+``sigmoid(logit(c) / T)`` in the BCE; ``gate_branch_loss="both"`` trains both branches on every sample in the
+divergence-aware phase (the paper's ``"gated"`` starves the multi-modal branch of the samples the gate sends to uni,
+which lowers its quality, which sends more samples to uni: measured, ``benchmarks/damm_gate.py``, the gate and the
+multi-modal branch collapse together). The calibration phase (``calibration=True``) uses the confidence term alone.
 
 Mixed precision: the loss is an fp32 island (``ddcore.precision.fp32``): predictions, noise and confidence are
 upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not it is called under autocast.
@@ -31,6 +34,7 @@ from damm.networks.denoiser import DAMMDenoiser, DAMMOutput
 from ddcore.precision import fp32, upcast
 
 __all__ = [
+    "GATE_BRANCH_LOSS",
     "GATE_TRAINING",
     "DAMMLoss",
     "branch_errors",
@@ -41,6 +45,9 @@ __all__ = [
 
 #: ``gate_training`` options: the paper's single-timestep label, or the label averaged over several timesteps.
 GATE_TRAINING = ("paper", "averaged")
+#: ``gate_branch_loss`` options of the divergence-aware phase's denoising term: ``"gated"`` (the paper: the
+#: multi-modal branch learns only from samples the gate sends to it) or ``"both"`` (both branches on every sample).
+GATE_BRANCH_LOSS = ("gated", "both")
 
 
 def _per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -103,6 +110,7 @@ class DAMMLoss(nn.Module):
         gate_label_margin: float = 0.0,
         gate_balance: bool = False,
         gate_temperature: float = 1.0,
+        gate_branch_loss: str = "gated",
     ):
         super().__init__()
         if not 0.0 < gamma < 1.0:
@@ -117,6 +125,8 @@ class DAMMLoss(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if gate_training not in GATE_TRAINING:
             raise ValueError(f"gate_training must be one of {GATE_TRAINING}, got {gate_training!r}")
+        if gate_branch_loss not in GATE_BRANCH_LOSS:
+            raise ValueError(f"gate_branch_loss must be one of {GATE_BRANCH_LOSS}, got {gate_branch_loss!r}")
         if not float(gate_temperature) > 0:
             raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
         self.gamma = float(gamma)
@@ -127,6 +137,7 @@ class DAMMLoss(nn.Module):
         self.gate_label_margin = float(gate_label_margin)
         self.gate_balance = bool(gate_balance)
         self.gate_temperature = float(gate_temperature)
+        self.gate_branch_loss = gate_branch_loss
         self.last_label: torch.Tensor | None = None
         self.last_label_mask: torch.Tensor | None = None
 
@@ -244,7 +255,8 @@ class DAMMLoss(nn.Module):
             if calibration:
                 loss = loss_conf
             elif divergence_aware:
-                per_sample = torch.where(to_multi, 0.5 * (l_uni + l_multi), l_uni)
+                both = 0.5 * (l_uni + l_multi)
+                per_sample = both if self.gate_branch_loss == "both" else torch.where(to_multi, both, l_uni)
                 loss = per_sample.mean() + self.alpha * loss_conf
             else:
                 loss = 0.5 * (l_uni.mean() + l_multi.mean())

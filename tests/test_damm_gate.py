@@ -67,6 +67,21 @@ def test_paper_option_reproduces_todays_loss_exactly(phase_b, weighted):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_both_branches_learn_from_every_sample_under_gate_branch_loss_both():
+    noise = torch.zeros(2, 1, 1, 1)
+    eu = torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1)
+    em = torch.tensor([3.0, 4.0]).reshape(2, 1, 1, 1).requires_grad_(True)
+    c = torch.tensor([0.2, 0.8])  # sample 0 gated to uni, sample 1 to multi
+    gated, _ = DAMMLoss(alpha=0.0)(_output(eu, em, c), noise, True)
+    assert float(gated) == pytest.approx((1.0 + 0.5 * (2.0 + 4.0)) / 2)  # paper: l_uni on sample 0
+    (grad,) = torch.autograd.grad(gated, em)
+    assert grad.flatten().tolist() == [0.0, 0.25]  # the multi-modal branch learns nothing from sample 0
+    both, _ = DAMMLoss(alpha=0.0, gate_branch_loss="both")(_output(eu, em, c), noise, True)
+    assert float(both) == pytest.approx((0.5 * (1.0 + 3.0) + 0.5 * (2.0 + 4.0)) / 2)
+    (grad,) = torch.autograd.grad(both, em)
+    assert grad.flatten().tolist() == [0.25, 0.25]
+
+
 def test_averaged_label_and_margin_hand_computed():
     l_uni, l_multi = torch.tensor([1.0, 0.3, 1.0]), torch.tensor([0.5, 1.0, 2.0])  # single-t label: 1, 0, 0
     extra = (torch.tensor([[0.2, 0.2], [1.5, 1.5], [4.0, 2.0]]), torch.tensor([[1.3, 1.3], [0.2, 0.2], [0.5, 0.5]]))
@@ -105,7 +120,12 @@ def test_masked_balanced_and_tempered_bce_hand_computed():
 
 
 def test_gate_settings_are_checked():
-    for bad in ({"gate_training": "mean"}, {"gate_temperature": 0.0}, {"gate_label_margin": -0.1}):
+    for bad in (
+        {"gate_training": "mean"},
+        {"gate_temperature": 0.0},
+        {"gate_label_margin": -0.1},
+        {"gate_branch_loss": "multi"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DAMMLoss(**bad)
     with pytest.raises(ValueError, match="gate_decision"):
