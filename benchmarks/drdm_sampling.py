@@ -14,7 +14,7 @@ has native bf16) over the same seeds; the speed-up vs the official figure is rec
 mean and p99 |φ| are within 5 % and whose folding is not higher. The full run also times ``torch.compile`` of the
 network (the sampler's ``compile_network`` option).
 
-Run: ``python -m benchmarks.drdm_sampling [--quick]`` (quick: 2D 64² and 3D 16³, well under a minute; full: 2D 256²
+Run: ``python -m benchmarks.drdm_sampling [--quick]`` (quick: 2D 64² and 3D 16³, a minute or two; full: 2D 256²
 and 3D 64³, about 15 minutes on 2 idle cores).
 """
 
@@ -300,7 +300,7 @@ def _run(quick: bool) -> list[dict]:
             )
     for shape, repeat in network_shapes:
         figures += _network_figures(shape, repeat)
-    if not quick:  # compiling takes one to two minutes per shape: full run only
+    if not quick:  # compiling takes minutes per shape: full run only
         figures += compile_figures((256, 256), 3)
     return figures
 

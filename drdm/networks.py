@@ -91,9 +91,9 @@ class AtrousBlock(nn.Module):
         """Apply the block.
 
         Without autograd (sampling) the second activation and the residual sum run in place on fresh
-        temporaries: the same values with two fewer full-size tensors per block (the element-wise ops are
-        memory-bound: about 15 % of a 2D 256² pass). The sum stays out of place when the dtypes differ (under
-        autocast the norm's fp32 output ``h`` meets a bf16 ``branch``: the sum must promote to fp32 as in training).
+        temporaries: the same values with two fewer full-size tensors per block (these element-wise ops are
+        memory-bound). The sum stays out of place when the dtypes differ (under autocast the norm's fp32 output
+        ``h`` meets a bf16 ``branch``: the sum must promote to fp32 as in training).
         """
         h = self.norm(self.conv_in(x))
         if torch.is_grad_enabled():

@@ -190,9 +190,9 @@ class DRDMSampler:
             (``flow_power``): about ``s`` times fewer network calls, an approximation of Algorithm 2 (default 1:
             every level, exactly Algorithm 2).
         compile_network: run the network's recovery calls through ``torch.compile`` (default False). Same fields
-            up to float rounding; on CPU (inductor, needs a C++ compiler) measured about 15 % faster per network
-            pass at 2D 256² fp32, but the first call of every new batch shape compiles for one to two minutes,
-            so it pays off only for long augmentation runs (``benchmarks/drdm_sampling.py``).
+            up to float rounding; on CPU (inductor, needs a C++ compiler) a modest gain per network pass, but the
+            first call of every new batch shape compiles for minutes, so it pays off only for long augmentation
+            runs (eager vs compiled and the compile time: ``benchmarks/drdm_sampling.py``).
 
     Raises:
         ValueError: a bad setting (named in the message), before any work.
