@@ -8,25 +8,34 @@ K = 2 passes, fp32) on these 2 cores. The network's weights do not change the co
 (``_train``: a few dozen to a few hundred iterations of :class:`drdm.trainer.DRDMTrainer` on smooth synthetic
 images) is used so the recovered fields differ from the random ones and the parity statistics are not trivial.
 
-Run: ``python -m benchmarks.drdm_sampling [--quick]`` (quick: 2D 64² and 3D 16³, well under a minute; full: 2D 256²
-and 3D 64³, about 10 minutes on 2 cores).
+Equal deformation (issue 17, :mod:`benchmarks._drdm_equal`): our implementation of the official procedure (all 80
+steps, K = 2, fp32) against fast candidates (``recovery_stride``, Algorithm 2's start at T', bf16 where the CPU
+has native bf16) over the same seeds; the speed-up vs the official figure is recorded only for a candidate whose
+mean and p99 |φ| are within 5 % and whose folding is not higher. The full run also times ``torch.compile`` of the
+network (the sampler's ``compile_network`` option).
+
+Run: ``python -m benchmarks.drdm_sampling [--quick]`` (quick: 2D 64² and 3D 16³, a minute or two; full: 2D 256²
+and 3D 64³, about 15 minutes on 2 idle cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks._drdm_equal import compile_figures, equal_deformation_figures, native_bf16
+from benchmarks._drdm_equal import relative as _relative
+from benchmarks._drdm_equal import stats as _stats
 from benchmarks.memory import peak_memory_mb
 from benchmarks.official import official
 from benchmarks.timing import figure, time_call
 from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
-from drdm.fields import folding_fraction
 from drdm.networks import RecoveryNet
 from drdm.sampler import DRDMSampler, SampleResult
 from drdm.trainer import DRDMTrainer
@@ -72,22 +81,6 @@ def _train(d: int, size: int, iterations: int, batch: int = 4) -> tuple[Recovery
         "train_final_cosine": round(float(trainer.state.output.get("loss_ang", float("nan"))), 4),
     }
     return net.eval(), info
-
-
-def _stats(results: list[SampleResult], size: int) -> dict[str, float]:
-    """Mean and p99 of |φ| in % of the image size, folding fraction in %, averaged over the outputs."""
-    ddf = torch.cat([r.ddf for r in results])
-    mag = ddf.norm(dim=1).flatten(1) / size * 100.0
-    return {
-        "mean_pct": float(mag.mean(1).mean()),
-        "p99_pct": float(torch.quantile(mag, 0.99, dim=1).mean()),
-        "folding_pct": float(100.0 * folding_fraction(ddf).mean()),
-        "recovery_change_vox": float((ddf - torch.cat([r.random_ddf for r in results])).norm(dim=1).mean()),
-    }
-
-
-def _relative(new: float, old: float) -> float | None:
-    return None if old == 0 else 100.0 * (new - old) / old
 
 
 def _sampling_figures(
@@ -137,7 +130,7 @@ def _sampling_figures(
     for (start, precision, outputs), results in outputs_of.items():
         if precision != "bf16" or (start, "fp32", outputs) not in outputs_of:
             continue
-        if any(k[0] == start and k[2] > outputs and (start, "fp32", k[2]) in outputs_of for k in outputs_of):
+        if any(k[:2] == (start, "bf16") and k[2] > outputs and (start, "fp32", k[2]) in outputs_of for k in outputs_of):
             continue  # parity from the largest set of outputs run in both precisions
         ref, low = outputs_of[(start, "fp32", outputs)], results
         s32, s16 = _stats(ref, size), _stats(low, size)
@@ -237,12 +230,23 @@ def run(quick: bool = False) -> list[dict]:
     """
     threads = torch.get_num_threads()
     # as the other modules: quick = 1 thread (tiny tensors; 2 OpenMP threads on 2 shared, loaded cores were measured
-    # 10-20x slower), full = 2 threads, the cores the official reference was measured on
-    torch.set_num_threads(1 if quick else max(1, min(2, threads)))
+    # 10-20x slower), full = 2 threads, the cores the official reference was measured on (set explicitly: the
+    # 2026-11-23 record inherited OMP_NUM_THREADS=1 and so timed 1 thread against the official 2)
+    torch.set_num_threads(1 if quick else max(1, min(2, os.cpu_count() or 1)))
     try:
         return _run(quick)
     finally:
         torch.set_num_threads(threads)
+
+
+def _without_emulated_bf16(plan: list[tuple[str, str, int]], d: int, quick: bool) -> list[tuple[str, str, int]]:
+    """The plan for a CPU without native bf16 (no AVX512/AMX), where bf16 autocast is emulated.
+
+    Measured ~7x slower than fp32 there (an AVX2 EPYC; the quick run took 6 minutes, 3 of them one 3D all-steps bf16
+    output): keep only the bf16 runs that pair with an fp32 run at one output per call, all-steps only in 2D full.
+    """
+    keep = {("t_prime", 1)} if quick or d == 3 else {("t_prime", 1), ("all", 1)}
+    return [e for e in plan if e[1] == "fp32" or (e[0], e[2]) in keep]
 
 
 def _run(quick: bool) -> list[dict]:
@@ -253,12 +257,16 @@ def _run(quick: bool) -> list[dict]:
         plan_3d = [("t_prime", p, n) for p in ("fp32", "bf16") for n in (1, 2)] + [("all", "bf16", 1)]
         cases = [(2, (64, 64), 8, 48, 15, plan_2d), (3, (16, 16, 16), 4, 16, 2, plan_3d)]
         network_shapes = [((64, 64), 2), ((16, 16, 16), 2)]
+        equal_outputs = 1
     else:
         plan_2d = [("t_prime", p, n) for p in ("fp32", "bf16") for n in (1, 8)]
         plan_2d += [("all", "fp32", 1), ("all", "bf16", 1), ("all", "bf16", 8)]
         plan_3d = [("t_prime", p, n) for p in ("fp32", "bf16") for n in (1, 2)] + [("all", "bf16", 1)]
         cases = [(2, (256, 256), 32, 64, 200, plan_2d), (3, (64, 64, 64), 16, 32, 40, plan_3d)]
         network_shapes = [((256, 256), 3), ((64, 64, 64), 2)]
+        equal_outputs = 3
+    if not native_bf16():
+        cases = [(*c[:5], _without_emulated_bf16(c[5], c[0], quick)) for c in cases]
     for d, shape, t_prime, train_size, iterations, plan in cases:
         net, info = _train(d, train_size, iterations)
         figures.append(
@@ -270,21 +278,30 @@ def _run(quick: bool) -> list[dict]:
             )
         )
         figures += _sampling_figures(net, shape, t_prime, plan, info)
+        if d == 2:  # the official reference is 2D 256²
+            ref_key = "drdm_augment_2d_256_s_per_output"
+            ref = official(ref_key) if shape == (256, 256) else None
+            image = _images(1, shape, seed=99)
+            figures += equal_deformation_figures(net, image, t_prime, equal_outputs, ref, info)
         if not quick and d == 3:
-            sampler = DRDMSampler(net, DeformationDiffusion(), folding_threshold=None, precision="bf16")
+            precision = "bf16" if native_bf16() else "fp32"
+            sampler = DRDMSampler(net, DeformationDiffusion(), folding_threshold=None, precision=precision)
             image = _images(1, shape, seed=99)
             peak = peak_memory_mb(lambda s=sampler, x=image: s.sample(x, 8))
             figures.append(
                 figure(
-                    f"drdm augmentation output 3D {'x'.join(map(str, shape))} peak memory (bf16, 1 output)",
+                    f"drdm augmentation output 3D {'x'.join(map(str, shape))} peak memory ({precision}, 1 output)",
                     peak,
                     "MiB",
                     shape=list(shape),
                     t_prime=8,
+                    precision=precision,
                 )
             )
     for shape, repeat in network_shapes:
         figures += _network_figures(shape, repeat)
+    if not quick:  # compiling takes minutes per shape: full run only
+        figures += compile_figures((256, 256), 3)
     return figures
 
 

@@ -88,10 +88,21 @@ class AtrousBlock(nn.Module):
         self.act = Act["leakyrelu"](negative_slope=negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block."""
+        """Apply the block.
+
+        Without autograd (sampling) the second activation and the residual sum run in place on fresh
+        temporaries: the same values with two fewer full-size tensors per block (these element-wise ops are
+        memory-bound). The sum stays out of place when the dtypes differ (under autocast the norm's fp32 output
+        ``h`` meets a bf16 ``branch``: the sum must promote to fp32 as in training).
+        """
         h = self.norm(self.conv_in(x))
-        branch = self.conv_b(self.act(self.conv_a(self.act(h))))
-        return self.act(h + branch)
+        if torch.is_grad_enabled():
+            branch = self.conv_b(self.act(self.conv_a(self.act(h))))
+            return self.act(h + branch)
+        slope = self.act.negative_slope
+        branch = self.conv_b(F.leaky_relu(self.conv_a(self.act(h)), slope, inplace=True))
+        total = branch.add_(h) if branch.dtype == h.dtype and branch.shape == h.shape else h + branch
+        return F.leaky_relu(total, slope, inplace=True)
 
 
 class TimeMLP(nn.Module):

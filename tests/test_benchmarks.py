@@ -83,11 +83,12 @@ def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.benchmark_quick_run
-def test_quick_run_of_every_benchmark_has_no_error(tmp_path):
-    """Every benchmark module runs in quick mode without an error record (CI runs this)."""
+@pytest.mark.parametrize("name", list(discover()))
+def test_quick_run_of_every_benchmark_has_no_error(tmp_path, name):
+    """Every benchmark module runs in quick mode without an error record (CI runs this; ``-k NAME`` runs one)."""
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", name, "--out", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -96,6 +97,7 @@ def test_quick_run_of_every_benchmark_has_no_error(tmp_path):
     )
     errors = {p.stem: json.loads(p.read_text()).get("error") for p in out.glob("*.json")}
     assert proc.returncode == 0 and not any(errors.values()), (proc.stderr[-3000:], errors)
+    assert (out / f"{name}.json").is_file(), f"no record for {name}: {proc.stderr[-3000:]}"
 
 
 def test_official_reference_prefers_the_same_machine_and_says_when_it_cannot():
@@ -146,3 +148,16 @@ def test_a_table_that_disagrees_with_its_record_is_caught(tmp_path, monkeypatch)
     doc.write_text("intro\n" + good.replace("19.71", "19.65"))  # a hand-edited figure
     assert tables.check() and "main_job" in tables.check()[0]
     assert tables.update() == [doc] and tables.check() == []
+
+
+def test_equal_deformation_rule_of_the_drdm_speed_up():
+    """The DRDM speed-up is only recorded at equal deformation: mean and p99 |φ| within 5 %, folding not higher."""
+    from benchmarks._drdm_equal import matches
+
+    ref = {"mean_pct": 3.0, "p99_pct": 8.0, "folding_pct": 0.1}
+    assert matches(ref, {"mean_pct": 3.147, "p99_pct": 7.61, "folding_pct": 0.1})  # +4.9 %, -4.9 %, equal folding
+    assert matches(ref, {"mean_pct": 2.9, "p99_pct": 8.2, "folding_pct": 0.0})  # less folding is fine
+    assert not matches(ref, {"mean_pct": 3.16, "p99_pct": 8.0, "folding_pct": 0.0})  # mean +5.3 %
+    assert not matches(ref, {"mean_pct": 3.0, "p99_pct": 7.5, "folding_pct": 0.0})  # p99 -6.25 %
+    assert not matches(ref, {"mean_pct": 3.0, "p99_pct": 8.0, "folding_pct": 0.11})  # more folding
+    assert not matches({**ref, "mean_pct": 0.0}, {"mean_pct": 0.0, "p99_pct": 8.0, "folding_pct": 0.0})  # undefined
