@@ -212,7 +212,7 @@ class DRDMSampler:
         label_padding_mode: str = "border",
         field_padding_mode: str = "border",
         precision: str = "fp32",
-        batch_size: int = 8,
+        batch_size: int = 4,
         device: str | torch.device | None = None,
         recovery_stride: int = 1,
         compile_network: bool = False,
