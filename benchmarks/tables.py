@@ -247,6 +247,8 @@ def _curve_and_ema(rec: dict[str, Any]) -> str:
 
 
 _GATE_COLUMNS = (
+    ("uni branch alone PSNR, all tiles", "uni PSNR", 2, " dB"),
+    ("multi branch alone PSNR, all tiles", "multi PSNR", 2, " dB"),
     ("AUROC of 1 - c for divergent tiles", "AUROC 1 - c (divergent)", 2, ""),
     ("divergent tiles routed to uni", "divergent to uni", 0, " %"),
     ("consistent tiles routed to multi", "consistent to multi", 0, " %"),
@@ -259,6 +261,7 @@ def _gate(rec: dict[str, Any]) -> str:
     """Issue 14's gate table: one row per variant, decision and thread count; mean +- sd over the seeds."""
     rows: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     same: dict[tuple[str, str], float] = {}
+    training: dict[str, dict[str, list[float]]] = {}
     for fig in rec.get("figures", []):
         p = fig.get("params", {})
         if "seeds" in p:
@@ -266,6 +269,8 @@ def _gate(rec: dict[str, Any]) -> str:
             rows.setdefault((p["variant"], p["decision"], p["threads"]), {})[label] = {"value": fig["value"], **p}
         elif "same routing direction" in fig["name"]:
             same[(p["variant"], p["decision"])] = fig["value"]
+        elif "tag" in p:
+            training.setdefault(p["variant"], {}).setdefault(p["tag"], []).append(fig["value"])
     head = "| gate training | decision | threads | seeds | " + " | ".join(c[1] for c in _GATE_COLUMNS) + " |"
     lines = [head, "|" + "---|" * (4 + len(_GATE_COLUMNS))]
     for (variant, decision, threads), cols in sorted(rows.items()):
@@ -276,13 +281,25 @@ def _gate(rec: dict[str, Any]) -> str:
             if c is None:
                 cells.append("")
                 continue
-            text = f"{c['value']:.{digits}f} ± {c['sd']:.{digits}f}{unit}"
+            sd = "" if c.get("sd") is None else f" ± {c['sd']:.{digits}f}"
+            text = f"{c['value']:.{digits}f}{sd}{unit}"
             if "met" in c:
                 text += " (met)" if c["met"] else ""
             elif c.get("every_seed_at_least_best"):
                 text += " (every seed)"
             cells.append(text)
         lines.append(f"| {variant} | {decision} | {threads} | {seeds} | " + " | ".join(cells) + " |")
+    if training:
+        lines += ["", "Last training epoch (mean over the variant's runs): "]
+        parts = []
+        for variant, tags in sorted(training.items()):
+            m = {t: sum(v) / len(v) for t, v in tags.items()}
+            parts.append(
+                f"{variant}: label rate {m.get('epoch_label_rate', float('nan')):.2f}, confidence "
+                f"{m.get('epoch_confidence_mean', float('nan')):.2f}, L1 uni / multi "
+                f"{m.get('epoch_loss_uni', float('nan')):.3f} / {m.get('epoch_loss_multi', float('nan')):.3f}"
+            )
+        lines[-1] += "; ".join(parts) + "."
     if same:
         flips = [f"{v} {d}: {'same' if ok else 'NOT the same'}" for (v, d), ok in sorted(same.items())]
         lines += ["", "Direction of routing on 1 and 2 threads, every seed: " + "; ".join(flips) + "."]
