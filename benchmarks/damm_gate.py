@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.damm_quality import QUICK as QUALITY_QUICK
 from benchmarks.timing import figure
 
 __all__ = ["FULL_PLAN", "NAME", "SEEDS", "THREADS", "VARIANTS", "run", "run_statistics", "training_summary"]
@@ -264,18 +265,8 @@ def _figures(runs: list[tuple[dict[str, Any], dict[str, Any]]], quick: bool) -> 
     return figs
 
 
-QUICK = {
-    "synthetic_args": {"n": 24, "size": 32, "divergent_fraction": 0.3, "seed": 0},
-    "ae_channels": [8, 8, 8],
-    "ae_norm_num_groups": 8,
-    "dm_channels": [8, 8, 8, 8],
-    "dm_time_embed_dim": 16,
-    "ae_iterations": 4,
-    "ae_batch_size": 4,
-    "dm_iterations": 10,
-    "dm_batch_size": 4,
-    "dm_divergence_aware_start_iteration": 3,
-}
+#: the quick run: damm_quality's toy sizes, a few more diffusion iterations
+QUICK = {**QUALITY_QUICK, "dm_iterations": 10}
 
 
 def run(
