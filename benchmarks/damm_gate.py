@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.damm_quality import QUICK as QUALITY_QUICK
+from benchmarks.damm_sampling import auroc
 from benchmarks.timing import figure
 
 __all__ = ["FULL_PLAN", "NAME", "SEEDS", "THREADS", "VARIANTS", "run", "run_statistics", "training_summary"]
@@ -74,12 +75,6 @@ DECISIONS = ("per_step", "per_sample")
 SUBSETS = ("consistent", "divergent")
 TARGET_AUROC = 0.85
 TARGET_ROUTING = 80.0
-
-
-def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    from benchmarks.damm_sampling import auroc
-
-    return auroc(score, positive)
 
 
 def evaluate_run(root: Path, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +183,7 @@ def run_statistics(res: dict[str, Any], decision: str) -> dict[str, float]:
     steps = np.asarray(rec["multi_step_fraction"], dtype=np.float64)
     gated, uni, mul = (np.asarray(x, dtype=np.float64) for x in (rec["psnr"], res["uni_psnr"], res["multi_psnr"]))
     stats = {
-        "auroc": _auroc(1.0 - np.asarray(rec["confidence"], dtype=np.float64), div),
+        "auroc": auroc(1.0 - np.asarray(rec["confidence"], dtype=np.float64), div),
         "divergent_to_uni": 100.0 * float((~multi[div]).mean()),
         "consistent_to_multi": 100.0 * float(multi[~div].mean()),
         "routing_direction": 100.0 * float(steps[~div].mean() - steps[div].mean()),
