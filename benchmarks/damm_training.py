@@ -32,9 +32,6 @@ __all__ = ["NAME", "make_train_step", "run", "train_step_flops"]
 
 NAME = "damm_training"
 
-#: Official DAMM code, paper configuration, fp32, these 2 cores: seconds per divergence-aware step at batch 16.
-
-
 def make_train_step(
     model: DAMMDenoiser,
     batch: int,
@@ -42,6 +39,7 @@ def make_train_step(
     per_sample: bool = False,
     channels_last: bool = False,
     size: int = 16,
+    fused_optimizer: bool = False,
 ) -> Callable[[], None]:
     """One divergence-aware training step (forward, DAMM loss, backward, AdamW) on fixed random inputs.
 
@@ -57,6 +55,7 @@ def make_train_step(
         per_sample: the official procedure (one forward per sample for the gating) instead of batched DAMMP.
         channels_last: give the inputs the channels-last memory format (2D latents only).
         size: latent edge.
+        fused_optimizer: AdamW's fused kernel (the bundle's ``fused_optimizer``) instead of its per-tensor loop.
 
     Returns:
         A zero-argument callable running one step.
@@ -70,7 +69,7 @@ def make_train_step(
         x = x.contiguous(memory_format=torch.channels_last)
         noise = noise.contiguous(memory_format=torch.channels_last)
     loss_fn = DAMMLoss(gamma=model.gamma)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_optimizer or None)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -45,6 +45,7 @@ from torch import nn
 
 from damm.networks.fusion import MMFM, UAFM
 from ddcore.precision import fp32, keep_norms_fp32, upcast
+from ddcore.small_conv import matmul_small_convs
 
 __all__ = [
     "DEMO_DENOISER_CONFIG",
@@ -256,6 +257,9 @@ class DAMMDenoiser(nn.Module):
         time_embed_dim: width of the shared time embedding (None: ``4 * c0``); the sinusoid has a quarter of it.
         num_heads: UAFM attention heads.
         se_reduction: MMFM squeeze-and-excitation reduction ratio.
+        small_conv_max_pixels: 2D convolutions on maps of at most this many positions run as one matmul
+            (:func:`ddcore.small_conv.matmul_small_convs`; same weights and results, faster backward on a CPU);
+            ``0``: every convolution is ``nn.Conv2d``'s.
 
     Raises:
         ValueError: for inconsistent settings (see the messages).
@@ -277,6 +281,7 @@ class DAMMDenoiser(nn.Module):
         time_embed_dim: int | None = 64,
         num_heads: int = 1,
         se_reduction: int = 16,
+        small_conv_max_pixels: int = 16,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -336,6 +341,7 @@ class DAMMDenoiser(nn.Module):
         )
         # mixed precision: every GroupNorm/BatchNorm computes and returns fp32 under autocast (same state dict)
         keep_norms_fp32(self)
+        matmul_small_convs(self, int(small_conv_max_pixels))
 
     # ------------------------------------------------------------------ validation
     @staticmethod
