@@ -14,10 +14,10 @@ other:
 
 Each configuration runs in a fresh subprocess, because the allocator setting cannot be undone in a process and
 the page faults are counted per process. One step of the fastest configuration is profiled with
-``torch.profiler``: the share of the step's self CPU time of its most expensive operators. The targets of issue 17
-are computed for the bundle's defaults (``keep_freed_memory``, ``fused`` and ``small_conv``) in bf16: the speed-up over the official
-code's step measured on a machine of this kind (:mod:`benchmarks.official`) and the share of this machine's bf16
-matmul peak (measured in the same run).
+``torch.profiler``: the share of the step's self CPU time of its most expensive operators. The targets of issue
+17 are computed for the bundle's defaults (``keep_freed_memory``, ``fused`` and ``small_conv``) in bf16: the
+speed-up over the official code's step measured on a machine of this kind (:mod:`benchmarks.official`) and the
+share of this machine's bf16 matmul peak (measured in the same run).
 
 ``quick=True``: the demo denoiser at batch 4, two configurations, two timed steps (a plumbing check). Run alone
 with ``python -m benchmarks.damm_train_levers [--quick]``.
@@ -168,7 +168,8 @@ def run(quick: bool = False) -> list[dict]:
         res = results[label] = _child(setting)
         p = {**common, "precision": precision, "keep_freed_memory": keep, "fused": fused, "small_conv": small_conv}
         p["channels_last"] = channels_last
-        figs.append(figure(f"{config} b{batch} {label}: divergence-aware step", res["step_s"], "s", res["spread_s"], **p))
+        step_name = f"{config} b{batch} {label}: divergence-aware step"
+        figs.append(figure(step_name, res["step_s"], "s", res["spread_s"], **p))
         figs.append(figure(f"{config} b{batch} {label}: minor page faults per step", res["faults_per_step"], "", **p))
         figs.append(figure(f"{config} b{batch} {label}: peak resident memory", res["maxrss_mib"], "MiB", **p))
         peak = peak16 if precision == "bf16" else peak32

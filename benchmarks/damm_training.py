@@ -32,6 +32,7 @@ __all__ = ["NAME", "make_train_step", "run", "train_step_flops"]
 
 NAME = "damm_training"
 
+
 def make_train_step(
     model: DAMMDenoiser,
     batch: int,

@@ -4,10 +4,9 @@ torch's CPU allocator takes every tensor from ``malloc``. glibc serves a block a
 start, raised dynamically up to 32 MiB) with a fresh ``mmap`` and hands it back with ``munmap`` when it is freed,
 and it trims the top of the heap once more than 128 KiB there is free. A training step allocates and frees the
 same few hundred MiB every iteration (autocast copies of the weights, gradients, activations), so the kernel maps,
-zero-fills and unmaps those pages again each step: 93,000 minor page faults (about 370 MiB) per divergence-aware
-step of the paper-scale denoiser at batch 16, and about 20 % of the step's time on a 2-core Intel Xeon
-(``benchmarks.precision``, "allocator" figures). Raising the mmap threshold to its 32 MiB maximum and the trim
-threshold to 1 GiB keeps those blocks in the heap, where the next step reuses them.
+zero-fills and unmaps those pages again each step (``benchmarks.damm_train_levers`` reports the minor page faults
+per step and the time with and without this setting). Raising the mmap threshold to its 32 MiB maximum and the
+trim threshold to 1 GiB keeps those blocks in the heap, where the next step reuses them.
 
 The cost: memory freed by the process stays mapped to it (its resident size stays at its peak), which is what a
 training or sampling loop wants and a short command does not notice. It is the bundle's ``cpu_keep_freed_memory``
@@ -70,5 +69,5 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
-    logger.debug(f"keep_freed_memory: mmap threshold {MMAP_THRESHOLD_BYTES}, trim threshold {TRIM_THRESHOLD_BYTES}: {ok}")
+    logger.debug(f"keep_freed_memory: mmap {MMAP_THRESHOLD_BYTES} B, trim {TRIM_THRESHOLD_BYTES} B, applied: {ok}")
     return ok

@@ -62,10 +62,15 @@ class SmallImageConv2d(nn.Conv2d):
         if torch.is_autocast_enabled(kind):
             x = x.to(torch.get_autocast_dtype(kind))
         cols = F.unfold(x, self.kernel_size, padding=self.padding)  # (B, C*kh*kw, H*W)
-        out = torch.matmul(self.weight.reshape(self.out_channels, -1), cols)  # (B, O, H*W)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)[:, None]
-        return out.reshape(b, self.out_channels, h, w)
+        n = h * w
+        # one (O, C*kh*kw) x (C*kh*kw, B*H*W) product: the weight gradient is one matmul, not a batched one summed
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], b * n)
+        weight = self.weight.reshape(self.out_channels, -1)
+        if self.bias is None:
+            out = torch.mm(weight, cols)
+        else:
+            out = torch.addmm(self.bias[:, None], weight, cols)
+        return out.reshape(self.out_channels, b, n).transpose(0, 1).reshape(b, self.out_channels, h, w)
 
 
 def matmul_small_convs(module: nn.Module, max_pixels: int = 16) -> nn.Module:

@@ -393,3 +393,22 @@ def test_no_machine_paths_in_bundle():
             text = path.read_text()
             for bad in (f"/{top}/" for top in ("tmp", "work", "root", "home")):
                 assert bad not in text, f"{path}: {bad}"
+
+
+@pytest.mark.parametrize(
+    "files, optimizers, init_file",
+    [
+        (["common.json", "train.json"], ["train#optimizer", "autoencoder#optimizer"], "train.json"),
+        (["drdm_common.json", "drdm_train.json"], ["optimizer"], "drdm_common.json"),
+    ],
+)
+def test_training_uses_the_fused_optimizer_and_keeps_freed_memory(files, optimizers, init_file):
+    """The speed settings of issue 17 reach the optimizers and the process set-up; false switches them off."""
+    for fused in (True, False):
+        parser = _parser(files, fused_optimizer=fused)
+        for key in optimizers:
+            opt = parser.get_parsed_content(key, instantiate=True)
+            assert all(group["fused"] is fused for group in opt.param_groups), (files, key)
+    init = _read(init_file)["initialize"]
+    assert "$ddcore.allocator.keep_freed_memory(@cpu_keep_freed_memory)" in init
+    assert _parser(files).get_parsed_content("cpu_keep_freed_memory") is True
