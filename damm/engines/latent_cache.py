@@ -63,7 +63,9 @@ class LatentCacheDataset(Dataset):
         device: where to encode.
         batch_size: images encoded together while building the cache.
         cache: ``True``/``False``, or ``None`` to cache unless ``transform`` is random.
-        keep_fields: scalar item fields copied into every sample (e.g. ``"divergent"``).
+        keep_fields: scalar item fields copied into every sample that has them (default ``"divergent"``: the
+            synthetic data's flag, with which the trainer logs the gate labels' agreement and the confidence per
+            subset).
         progress: show a progress bar while encoding.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the encoding.
 
@@ -81,7 +83,7 @@ class LatentCacheDataset(Dataset):
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         cache: bool | None = None,
-        keep_fields: Sequence[str] = (),
+        keep_fields: Sequence[str] = ("divergent",),
         progress: bool = True,
         precision: str = "fp32",
     ) -> None:
