@@ -23,9 +23,10 @@ __all__ = ["SmallImageConv2d", "matmul_small_convs"]
 class SmallImageConv2d(nn.Conv2d):
     """``nn.Conv2d`` that computes maps of at most ``max_pixels`` positions as one ``unfold`` + ``matmul``.
 
-    Only stride 1, dilation 1, one group and zero padding that keeps the size take that path; anything else, and
-    every larger map, runs ``nn.Conv2d.forward``. Under autocast the input is cast to the autocast dtype before
-    ``unfold`` (the matmul would cast the unfolded copy, nine times larger, otherwise).
+    Only CPU tensors with stride 1, dilation 1, one group and zero padding that keeps the size take that path;
+    anything else (a GPU's cuDNN kernels included), and every larger map, runs ``nn.Conv2d.forward``. Under
+    autocast the input is cast to the autocast dtype before ``unfold`` (the matmul would cast the unfolded copy, nine
+    times larger, otherwise).
     """
 
     max_pixels: int = 16
@@ -35,6 +36,7 @@ class SmallImageConv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         return (
             h * w <= self.max_pixels
+            and x.device.type == "cpu"
             and x.dim() == 4
             and self.stride == (1, 1)
             and self.dilation == (1, 1)
