@@ -1,8 +1,12 @@
 """DRDM forward process: time of one draw ``q_sample``, binary exponentiation vs the official sequential loop,
 and peak memory of one 3D draw (issue §7).
 
-Official reference (spec drdm.md §1.3): about 5.52 s for one 3D 128³ forward at t = 79 (B = 1, one CPU core,
-up to 200 sequential compositions on the 64³ lattice) and about 0.3 s for 2D 256² with B = 8.
+The official references (the DeformDDPM forward, 3D 128³ at t = 79 and 2D 256² with B = 8, measured with the
+official code on each machine kind) come from :mod:`benchmarks.official`.
+
+Compositions resample the field with ``grid_sample``, whose CPU kernels parallelise over the batch only; the
+``grid_sample ... one composition`` figures time one composition on the 64³ lattice with the plain call (one busy
+core for B = 1) and with :func:`drdm.fields.grid_sample_all_threads` (what every warp and composition uses).
 
 Precision (issue 9): the forward process is pure field composition (random velocities, ``grid_sample`` compositions,
 resizing), an fp32 island whatever the ``precision`` setting. The ``... under bf16 autocast`` figures run the same
@@ -18,12 +22,14 @@ import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.memory import peak_memory_mb
 from benchmarks.official import official
 from benchmarks.timing import figure, time_call
 from ddcore.precision import autocast
 from drdm.diffusion import DeformationDiffusion
+from drdm.fields import grid_sample_all_threads
 
 __all__ = ["NAME", "run"]
 
@@ -91,6 +97,7 @@ def run(quick: bool = False) -> list[dict]:
     autocast_cases = [((256, 256), 8), ((64, 64, 64), 1)] + ([] if quick else [((128, 128, 128), 1)])
     for shape, batch in autocast_cases:
         figures += _autocast_figures(shape, batch, quick, threads)
+    figures += _split_figures(threads, quick)
     if not quick:
         image = torch.rand(1, 1, 128, 128, 128)
         for method in ("binary", "sequential"):
@@ -107,6 +114,30 @@ def run(quick: bool = False) -> list[dict]:
                 )
             )
     return figures
+
+
+def _split_figures(threads: int, quick: bool) -> list[dict]:
+    """One composition's resampling on the 64³ lattice: plain ``F.grid_sample`` vs all threads (bitwise equal)."""
+    g = torch.Generator().manual_seed(2)
+    field = torch.randn(1, 3, 64, 64, 64, generator=g)
+    base = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 64)] * 3, indexing="ij")[::-1], dim=-1)[None]
+    grid = base + 0.05 * torch.randn(base.shape, generator=g)
+    kwargs = {"mode": "bilinear", "padding_mode": "border", "align_corners": True}
+    same = bool(torch.equal(F.grid_sample(field, grid, **kwargs), grid_sample_all_threads(field, grid, **kwargs)))
+    out = []
+    for label, fn in (("F.grid_sample", F.grid_sample), ("grid_sample_all_threads", grid_sample_all_threads)):
+        median, spread = time_call(lambda f=fn: f(field, grid, **kwargs), warmup=1, repeat=3 if quick else 10)
+        out.append(
+            figure(
+                f"grid_sample 3D 64^3 lattice, one composition ({label})",
+                median,
+                "s",
+                spread=spread,
+                threads=threads,
+                bitwise_equal=same,
+            )
+        )
+    return out
 
 
 def _autocast_figures(shape: tuple[int, ...], batch: int, quick: bool, threads: int) -> list[dict]:

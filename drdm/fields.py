@@ -35,6 +35,7 @@ __all__ = [
     "flow_power",
     "flow_power_sequential",
     "folding_fraction",
+    "grid_sample_all_threads",
     "invert_field",
     "jacobian_determinant",
     "linear_resize_matrix",
@@ -47,13 +48,56 @@ _WARPERS: OrderedDict[tuple, Warp] = OrderedDict()
 _MAX_WARPERS = 16
 
 
+def grid_sample_all_threads(image: torch.Tensor, grid: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """``F.grid_sample`` that keeps every CPU thread busy when the batch is smaller than the thread count.
+
+    PyTorch's CPU kernels (2D and 3D) parallelise over the batch only, so one image or volume runs on one core.
+    Here each sample's output grid is cut into ``k = threads // batch`` slabs along its first axis (padded to a
+    multiple of ``k``), the slabs are sampled as a batch of ``batch * k`` from the same (expanded, not copied for
+    ``batch == 1``) input, and the slabs are put back together. Each output value is computed exactly as by one
+    ``F.grid_sample`` call (same kernel, same grid point), so the result is bitwise identical. CUDA tensors and
+    batches that already fill the threads go straight to ``F.grid_sample``.
+
+    Args:
+        image: ``[B, C, *S_in]``.
+        grid: ``[B, *S_out, d]`` in ``grid_sample`` coordinates.
+        **kwargs: ``mode``, ``padding_mode``, ``align_corners``, passed on.
+
+    Returns:
+        ``[B, C, *S_out]``.
+    """
+    batch = image.shape[0]
+    slabs = torch.get_num_threads() // max(batch, 1)
+    first = grid.shape[1]
+    if image.device.type != "cpu" or slabs < 2 or first < 2:
+        return F.grid_sample(image, grid, **kwargs)
+    slabs = min(slabs, first)
+    per = -(-first // slabs)
+    pad = per * slabs - first
+    if pad:  # repeat the last row of grid points; their samples are dropped below
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, pad, *grid.shape[2:])], dim=1)
+    rest = grid.shape[2:]
+    big_grid = grid.reshape(batch * slabs, per, *rest)
+    big_image = image.unsqueeze(1).expand(batch, slabs, *image.shape[1:]).reshape(batch * slabs, *image.shape[1:])
+    out = F.grid_sample(big_image, big_grid, **kwargs)  # [B*k, C, per, ...]
+    channels = image.shape[1]
+    out = out.reshape(batch, slabs, channels, per, *out.shape[3:]).transpose(1, 2)
+    out = out.reshape(batch, channels, slabs * per, *out.shape[4:])
+    return out[:, :, :first] if pad else out
+
+
 class _CachedWarp(Warp):
-    """:class:`monai.networks.blocks.Warp` whose reference-grid cache works.
+    """:class:`monai.networks.blocks.Warp` whose reference grid is cached and whose CPU sampling uses every thread.
 
     MONAI 1.6.1 compares ``ref_grid.shape[1:]`` (``(d, *S)``) with ``ddf.shape[2:]`` (``S``), which never match, so
     it rebuilds (``arange`` + ``meshgrid`` + two ``stack`` + a copy) the identity grid at every call; this keeps
-    the grid while the field's shape, dtype and device stay the same.
+    the grid while the field's shape, dtype and device stay the same. The native path (MONAI's C++ extension is
+    not built here) is MONAI's, with the identity grid kept already normalised to ``[-1, 1]`` in ``grid_sample``'s
+    axis order (so each call is one scaled add instead of a per-axis normalisation and a reordering copy), and
+    sampling by :func:`grid_sample_all_threads`.
     """
+
+    _identity: torch.Tensor | None = None
 
     def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
         """The identity grid ``[B, d, *S]`` for ``ddf`` (cached)."""
@@ -62,6 +106,32 @@ class _CachedWarp(Warp):
             return ref
         self.ref_grid = None
         return super().get_reference_grid(ddf, jitter, seed)
+
+    def _identity_grid(self, ddf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity grid ``[1, *S, d]`` in voxels (last axis in ``grid_sample`` order x, y[, z]) and the divisors."""
+        shape = tuple(ddf.shape[2:])
+        ref = self._identity
+        if ref is None or tuple(ref.shape[1:-1]) != shape or ref.dtype != ddf.dtype or ref.device != ddf.device:
+            axes = [torch.arange(s, dtype=ddf.dtype, device=ddf.device) for s in shape]
+            ref = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+            self._identity = ref
+        divisors = torch.tensor([max(s - 1, 1) for s in shape[::-1]], dtype=ddf.dtype, device=ddf.device)
+        return ref, divisors
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Pull ``image`` through ``ddf`` (see :class:`~monai.networks.blocks.Warp`)."""
+        if (
+            self.jitter
+            or image.ndim not in (4, 5)
+            or tuple(ddf.shape) != (image.shape[0], image.ndim - 2, *image.shape[2:])
+        ):
+            return super().forward(image, ddf)  # MONAI's checks and messages
+        ref, divisors = self._identity_grid(ddf)
+        grid = ref + ddf.movedim(1, -1).flip(-1)  # channels z, y, x -> grid_sample's x, y, z
+        grid.mul_(2).div_(divisors).sub_(1)  # voxels -> [-1, 1], the same operations as MONAI's
+        return grid_sample_all_threads(
+            image, grid, mode=self._interp_mode_native, padding_mode=self._padding_mode_native, align_corners=True
+        )
 
 
 def _warper(mode: str, padding_mode: str, ddf: torch.Tensor) -> Warp:

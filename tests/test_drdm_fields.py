@@ -15,6 +15,7 @@ from drdm.fields import (
     flow_power,
     flow_power_sequential,
     folding_fraction,
+    grid_sample_all_threads,
     jacobian_determinant,
     resize_crop_field,
     sample_velocity,
@@ -152,3 +153,52 @@ def test_field_validation_errors():
         warp(torch.zeros(1, 1, 5, 5), torch.zeros(1, 2, 4, 5))
     with pytest.raises(ValueError, match=">= 0"):
         flow_power(torch.zeros(1, 2, 4, 4), -1)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("threads", [2, 4])
+def test_grid_sample_all_threads_is_bitwise_grid_sample(d, batch, threads):
+    """The slab-split sampling returns exactly F.grid_sample's values (odd first axis: padded slabs), any mode."""
+    torch.set_num_threads(threads)  # the one_thread fixture restores the count
+    shape = (23, 10, 7)[:d]
+    g = torch.Generator().manual_seed(batch * 10 + d)
+    image = torch.randn(batch, 2, *shape, generator=g)
+    grid = torch.rand(batch, *shape, d, generator=g) * 2.4 - 1.2
+    for mode in ("bilinear", "nearest"):
+        for padding_mode in ("zeros", "border", "reflection"):
+            kwargs = {"mode": mode, "padding_mode": padding_mode, "align_corners": True}
+            assert torch.equal(grid_sample_all_threads(image, grid, **kwargs), F.grid_sample(image, grid, **kwargs))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_grid_sample_all_threads_gradients_match(d):
+    torch.set_num_threads(2)
+    shape = (9, 8, 5)[:d]
+    g = torch.Generator().manual_seed(d)
+    image = torch.randn(1, 2, *shape, generator=g)
+    grid = torch.rand(1, *shape, d, generator=g) * 2 - 1
+    grads = []
+    for fn in (grid_sample_all_threads, F.grid_sample):
+        im, gr = image.clone().requires_grad_(), grid.clone().requires_grad_()
+        (fn(im, gr, align_corners=True) ** 2).sum().backward()
+        grads.append((im.grad, gr.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_warp_is_bitwise_monai_warp(d):
+    """``warp`` (cached identity grid, slab-split sampling on 2 threads) equals MONAI's Warp exactly."""
+    from monai.networks.blocks import Warp
+
+    torch.set_num_threads(2)
+    shape = (SHAPES[d][0], 1, *SHAPES[d][2:])  # a singleton axis too
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(1, 2, *shape, generator=g)
+    ddf = torch.randn(1, d, *shape, generator=g) * 3
+    for mode in ("bilinear", "nearest"):
+        for padding_mode in ("zeros", "border"):
+            reference = Warp(mode, padding_mode)(image, ddf)
+            assert torch.equal(warp(image, ddf, mode, padding_mode), reference)
+            assert torch.equal(warp(image, ddf, mode, padding_mode), reference)  # the cached grid
