@@ -58,12 +58,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "dm_gate_balance": True,
         "dm_gate_calibration_fraction": 0.1,
     },
+    "correspondence": {
+        "dm_gate_training": "correspondence",
+        "dm_gate_branch_loss": "both",
+        "dm_gate_balance": True,
+    },
 }
 SEEDS = (0, 1, 2)
 THREADS = (1, 2)
-#: the runs of the full benchmark, ``(variant, seed, threads)``: the variant that avoids the collapse on three seeds
-#: and both thread counts; the paper and the averaged label with the paper's gated loss on one seed (both collapse).
+#: the runs of the full benchmark, ``(variant, seed, threads)``: the correspondence label and the variant that avoids
+#: the collapse on three seeds and both thread counts; the paper and the averaged label with the paper's gated loss
+#: on one seed (both collapse).
 FULL_PLAN: tuple[tuple[str, int, int], ...] = (
+    ("correspondence", 0, 1),
+    ("correspondence", 1, 1),
+    ("correspondence", 2, 1),
+    ("correspondence", 0, 2),
     ("paper", 0, 1),
     ("averaged", 0, 1),
     ("both", 0, 1),

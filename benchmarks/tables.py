@@ -306,10 +306,51 @@ def _gate(rec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_GATE_LABEL_COLUMNS = (
+    ("label_rate_consistent", "label rate, consistent", 1, " %"),
+    ("label_rate_divergent", "label rate, divergent", 1, " %"),
+    ("label_divergence_agreement", "labels = not divergent", 1, " %"),
+    ("auroc_one_label", "AUROC, one label", 2, ""),
+    ("auroc_averaged_label", "AUROC, averaged label", 2, ""),
+    ("sign_consistency", "sign consistency", 2, ""),
+    ("relative_delta_consistent", "multi gain, consistent", 2, " %"),
+    ("relative_delta_divergent", "multi gain, divergent", 2, " %"),
+    ("auroc_confidence", "AUROC 1 - c", 2, ""),
+)
+
+
+def _gate_label(rec: dict[str, Any]) -> str:
+    """Issue 14's label diagnosis: one row per trained run and split (``benchmarks.damm_gate_label``)."""
+    rows: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+    draws = None
+    for fig in rec.get("figures", []):
+        p = fig.get("params", {})
+        if "key" not in p:
+            continue
+        rows.setdefault((p["variant"], p["seed"], p["threads"], p["split"]), {"params": p})[p["key"]] = fig["value"]
+        draws = p.get("draws", draws)
+    head = "| gate training | seed | split (tiles, divergent) | " + " | ".join(c[1] for c in _GATE_LABEL_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(_GATE_LABEL_COLUMNS))]
+    for (variant, seed, _threads, split), cols in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] != "training")
+    ):
+        p = cols["params"]
+        cells = [f"{_f(cols.get(k), d)}{u}" if k in cols else "" for k, _, d, u in _GATE_LABEL_COLUMNS]
+        lines.append(
+            f"| {variant} | {seed} | {split} ({p['tiles']}, {p['divergent_tiles']}) | " + " | ".join(cells) + " |"
+        )
+    return (
+        f"Branch-error labels at {draws} (t, eps) draws per tile (t stratified over the four quarters):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 #: block name -> (record name, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main_job": ("damm_quality", _main_job),
     "damm_gate": ("damm_gate", _gate),
+    "damm_gate_label": ("damm_gate_label", _gate_label),
     "task_brats": ("task_brats", lambda r: _task_table(r, "brain", "tumour")),
     "task_microscopy": ("task_microscopy", lambda r: _task_table(r, "field", None)),
     "task_brats_autoencoder": ("task_brats_autoencoder", _autoencoder_lever),

@@ -18,6 +18,13 @@ divergence-aware phase (the paper's ``"gated"`` starves the multi-modal branch o
 which lowers its quality, which sends more samples to uni: measured, ``benchmarks/damm_gate.py``, the gate and the
 multi-modal branch collapse together). The calibration phase (``calibration=True``) uses the confidence term alone.
 
+``gate_training="correspondence"`` (not in the paper) takes the label from the data instead of the branch errors:
+the trainer replaces the auxiliary latents of a random share of the batch by mismatched ones
+(:func:`mismatch_auxiliary`: another sample's, spatially shifted, or flipped), which get ``y = 0``; the genuine
+pairs get ``y = 1``. Mismatched samples train only the uni-modal branch (their multi-modal prediction would learn
+from a pair that does not belong together). ``benchmarks/damm_gate_label.py`` measured why: under the paper's
+label the branch-error comparison is close to a coin toss per draw on the main job's data.
+
 Mixed precision: the loss is an fp32 island (``ddcore.precision.fp32``): predictions, noise and confidence are
 upcast from bf16/fp16 before any arithmetic, so the loss is fp32 whether or not it is called under autocast.
 """
@@ -40,11 +47,15 @@ __all__ = [
     "branch_errors",
     "diffusion_target",
     "min_snr_weights",
+    "mismatch_auxiliary",
     "per_sample_reference_loss",
 ]
 
-#: ``gate_training`` options: the paper's single-timestep label, or the label averaged over several timesteps.
-GATE_TRAINING = ("paper", "averaged")
+#: ``gate_training`` options: the paper's single-timestep label, the label averaged over several timesteps, or the
+#: correspondence label (genuine condition pairs 1, mismatched ones made by the trainer 0).
+GATE_TRAINING = ("paper", "averaged", "correspondence")
+#: the kinds of mismatch :func:`mismatch_auxiliary` makes.
+MISMATCH_KINDS = ("swap", "shift", "flip")
 #: ``gate_branch_loss`` options of the divergence-aware phase's denoising term: ``"gated"`` (the paper: the
 #: multi-modal branch learns only from samples the gate sends to it) or ``"both"`` (both branches on every sample).
 GATE_BRANCH_LOSS = ("gated", "both")
@@ -83,8 +94,9 @@ class DAMMLoss(nn.Module):
         alpha: weight of the confidence term (paper: 1e-4).
         bce_weight: weight of ``BCE(c, y)`` inside the confidence term (paper: 0.5).
         pull_weight: weight of ``mean((c - gamma)^2)`` inside the confidence term (paper: 1).
-        gate_training: ``"paper"`` (the label at the training timestep) or ``"averaged"`` (the label from the branch
-            errors averaged over that and the trainer's extra timesteps, ``label_losses``).
+        gate_training: ``"paper"`` (the label at the training timestep), ``"averaged"`` (the label from the branch
+            errors averaged over that and the trainer's extra timesteps, ``label_losses``) or ``"correspondence"``
+            (genuine pairs 1, the trainer's mismatched pairs 0; see the module docstring).
         gate_label_margin: ``>= 0``; a sample whose errors differ by less than this share of their mean gets no label
             (it is left out of the BCE); 0 (the paper): every sample is labelled.
         gate_balance: weight the two label classes equally in the BCE (False: the paper's plain mean).
@@ -146,6 +158,7 @@ class DAMMLoss(nn.Module):
         l_uni: torch.Tensor,
         l_multi: torch.Tensor,
         label_losses: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mismatch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The BCE label ``y = [l_multi <= l_uni]`` per sample and which samples get one.
 
@@ -154,12 +167,17 @@ class DAMMLoss(nn.Module):
             l_multi: multi-modal error, ``[B]``.
             label_losses: ``(l_uni_extra, l_multi_extra)``, ``[B, M]`` each, the errors at ``M`` further timesteps
                 (used by ``gate_training="averaged"``, which averages over all ``1 + M``; ignored by ``"paper"``).
+            mismatch: ``[B]`` bool, the samples whose auxiliary latents the trainer mismatched (used by
+                ``gate_training="correspondence"``: ``y = not mismatch``; all 1 when ``None``).
 
         Returns:
             ``(label, mask)``: ``label`` ``[B]`` float in {0, 1} (no gradient); ``mask`` ``[B]`` bool, ``None`` when
             ``gate_label_margin`` is 0 (every sample labelled).
         """
         lu, lm = l_uni.detach(), l_multi.detach()
+        if self.gate_training == "correspondence":
+            genuine = torch.ones_like(lu, dtype=torch.bool) if mismatch is None else ~mismatch.to(lu.device).bool()
+            return genuine.float(), None
         if self.gate_training == "averaged" and label_losses is not None:
             eu, em = (upcast(t.detach()).to(lu.device).reshape(lu.shape[0], -1) for t in label_losses)
             lu = torch.cat([lu[:, None], eu], dim=1).mean(dim=1)
@@ -218,6 +236,7 @@ class DAMMLoss(nn.Module):
         weights: torch.Tensor | None = None,
         label_losses: tuple[torch.Tensor, torch.Tensor] | None = None,
         calibration: bool = False,
+        mismatch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Compute the loss.
 
@@ -231,6 +250,8 @@ class DAMMLoss(nn.Module):
                 paper's unweighted loss, exactly.
             label_losses: the branch errors at further timesteps, ``[B, M]`` each (see :meth:`gate_label`).
             calibration: the calibration phase: the loss is the (unweighted) confidence term alone.
+            mismatch: ``[B]`` bool, samples with mismatched auxiliary latents (``gate_training="correspondence"``):
+                label 0, and their denoising term is the uni-modal error alone.
 
         Returns:
             ``(loss, logs)``, ``loss`` fp32 (also under autocast); ``logs`` has ``loss``, ``loss_uni``, ``loss_multi``,
@@ -248,7 +269,7 @@ class DAMMLoss(nn.Module):
         with fp32(noise.device):
             l_uni, l_multi = branch_errors(output, noise, weights)
             c = upcast(output.confidence)
-            label, mask = self.gate_label(l_uni, l_multi, label_losses)
+            label, mask = self.gate_label(l_uni, l_multi, label_losses, mismatch)
             self.last_label, self.last_label_mask = label, mask
             to_multi = (c >= self.gamma).detach()
             loss_conf = self.confidence_loss(c, label, mask)
@@ -257,6 +278,8 @@ class DAMMLoss(nn.Module):
             elif divergence_aware:
                 both = 0.5 * (l_uni + l_multi)
                 per_sample = both if self.gate_branch_loss == "both" else torch.where(to_multi, both, l_uni)
+                if mismatch is not None:
+                    per_sample = torch.where(mismatch.to(l_uni.device).bool(), l_uni, per_sample)
                 loss = per_sample.mean() + self.alpha * loss_conf
             else:
                 loss = 0.5 * (l_uni.mean() + l_multi.mean())
@@ -271,6 +294,63 @@ class DAMMLoss(nn.Module):
             "label_given_fraction": 1.0 if mask is None else float(mask.float().mean()),
         }
         return loss, logs
+
+
+def mismatch_auxiliary(
+    conditions: list[torch.Tensor], fraction: float, generator: torch.Generator | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Replace the auxiliary latents of a random share of the batch by ones that do not belong to the sample.
+
+    Each chosen sample gets one kind of :data:`MISMATCH_KINDS`, drawn uniformly: ``swap`` (another sample's
+    auxiliary latents, when the batch has more than one sample; otherwise ``shift``), ``shift`` (rolled over every
+    spatial axis by 1/4 to 3/4 of its length) or ``flip`` (every spatial axis reversed). The anchor (``conditions[0]``)
+    is never changed; all auxiliary modalities of a sample are mismatched together.
+
+    Args:
+        conditions: ``[z_anchor, z_aux_1, ...]``, each ``[B, C, *spatial]``.
+        fraction: probability that a sample is mismatched, in ``[0, 1)``.
+        generator: random generator on the latents' device (``None``: torch's global one).
+
+    Returns:
+        ``(conditions, mismatch)``: the new list (unchanged tensors where nothing changed) and ``[B]`` bool.
+
+    Raises:
+        ValueError: ``fraction`` outside ``[0, 1)`` or fewer than two conditions.
+    """
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"gate_mismatch_fraction must be in [0, 1), got {fraction}")
+    if len(conditions) < 2:
+        raise ValueError("mismatch_auxiliary needs an anchor and at least one auxiliary condition")
+    anchor = conditions[0]
+    b, device = anchor.shape[0], anchor.device
+    mismatch = torch.rand(b, generator=generator, device=device) < float(fraction)
+    if not bool(mismatch.any()):
+        return list(conditions), mismatch
+    kinds = torch.randint(0, len(MISMATCH_KINDS), (b,), generator=generator, device=device)
+    partner = (
+        torch.arange(b, device=device) + torch.randint(1, max(b, 2), (b,), generator=generator, device=device)
+    ) % b
+    spatial = list(anchor.shape[2:])
+    shifts = [
+        int(torch.randint(max(1, n // 4), max(2, 3 * n // 4 + 1), (1,), generator=generator, device=device))
+        for n in spatial
+    ]
+    dims = tuple(range(1, 1 + len(spatial)))
+    out = [anchor]
+    for aux in conditions[1:]:
+        new = aux.clone()
+        for i in torch.nonzero(mismatch).flatten().tolist():
+            kind = MISMATCH_KINDS[int(kinds[i])]
+            if kind == "swap" and b == 1:
+                kind = "shift"
+            if kind == "swap":
+                new[i] = aux[int(partner[i])]
+            elif kind == "shift":
+                new[i] = torch.roll(aux[i], shifts=shifts, dims=dims)
+            else:
+                new[i] = torch.flip(aux[i], dims=dims)
+        out.append(new)
+    return out, mismatch
 
 
 def diffusion_target(

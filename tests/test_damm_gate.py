@@ -321,3 +321,67 @@ def test_gate_benchmark_scores_hand_computed_runs():
     figs = {f["name"]: f["value"] for f in _figures(jobs, quick=True)}
     assert figs["v per_step: same routing direction on 1 and 2 threads, every seed"] == 0.0
     assert figs["v per_step 1 thr, mean of 1 seeds: AUROC of 1 - c for divergent tiles"] == pytest.approx(0.75)
+
+
+def test_mismatch_auxiliary_changes_only_the_chosen_samples_auxiliary_latents():
+    from damm.losses import mismatch_auxiliary
+
+    torch.manual_seed(0)
+    anchor, aux = torch.randn(64, 2, 6, 6), torch.randn(64, 2, 6, 6)
+    (a2, x2), mismatch = mismatch_auxiliary([anchor, aux], 0.5, generator=torch.Generator().manual_seed(1))
+    assert a2 is anchor  # the anchor is never touched
+    assert 10 < int(mismatch.sum()) < 54
+    changed = (x2 != aux).flatten(1).any(dim=1)
+    assert torch.equal(changed, mismatch)  # every chosen sample differs, no other one does
+    for i in torch.nonzero(mismatch).flatten().tolist():  # each is a permutation of some sample's values
+        assert any(torch.equal(x2[i].flatten().sort().values, aux[j].flatten().sort().values) for j in range(64))
+    # seeded: reproducible
+    (_, x3), m3 = mismatch_auxiliary([anchor, aux], 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(m3, mismatch) and torch.equal(x3, x2)
+    # a batch of one is shifted or flipped, never swapped with itself (no change)
+    (_, one), m1 = mismatch_auxiliary([anchor[:1], aux[:1]], 0.999, generator=torch.Generator().manual_seed(0))
+    assert bool(m1[0]) and not torch.equal(one, aux[:1])
+    with pytest.raises(ValueError, match="gate_mismatch_fraction"):
+        mismatch_auxiliary([anchor, aux], 1.0)
+    with pytest.raises(ValueError, match="auxiliary"):
+        mismatch_auxiliary([anchor], 0.5)
+
+
+def test_correspondence_label_hand_computed():
+    """Genuine pairs are labelled 1, mismatched ones 0; mismatched samples train the uni branch alone."""
+    noise = torch.zeros(4, 1, 2, 2)
+    eps_uni = torch.full((4, 1, 2, 2), 0.2)
+    eps_multi = torch.full((4, 1, 2, 2), 0.6)  # multi worse everywhere: the paper's label would be 0 for all
+    c = torch.tensor([0.9, 0.9, 0.2, 0.2])
+    out = _output(eps_uni, eps_multi, c)
+    mismatch = torch.tensor([False, True, False, True])
+    loss_fn = DAMMLoss(gate_training="correspondence", gate_branch_loss="both")
+    label, mask = loss_fn.gate_label(torch.full((4,), 0.2), torch.full((4,), 0.6), None, mismatch)
+    assert label.tolist() == [1.0, 0.0, 1.0, 0.0] and mask is None
+    loss, logs = loss_fn(out, noise, divergence_aware=True, mismatch=mismatch)
+    per_sample = torch.tensor([0.4, 0.2, 0.4, 0.2])  # both: (0.2 + 0.6) / 2; mismatched: uni 0.2
+    conf = loss_fn.confidence_loss(c, label)
+    assert float(loss.detach()) == pytest.approx(float(per_sample.mean() + 1e-4 * conf), rel=1e-6)
+    assert logs["label_rate"] == pytest.approx(0.5)
+    # no mismatch given: every pair is genuine
+    label, _ = loss_fn.gate_label(torch.ones(3), torch.ones(3))
+    assert label.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_correspondence_training_mismatches_in_the_divergence_aware_phase_only():
+    seen: list[torch.Tensor | None] = []
+    loss = DAMMLoss(gate_training="correspondence", gate_branch_loss="both")
+    original = loss.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mismatch"))
+        return original(*args, **kwargs)
+
+    loss.forward = spy  # type: ignore[method-assign]
+    trainer, _ = _trainer(loss, iterations=6, start=2, gate_mismatch_fraction=0.5)
+    trainer.run()
+    assert seen[0] is None and seen[1] is None  # warm-up: genuine pairs only
+    assert all(m is not None and m.shape == (4,) for m in seen[2:])
+    assert sum(int(m.sum()) for m in seen[2:]) > 0  # some pairs were mismatched (4 x 4 samples at p = 0.5)
+    with pytest.raises(ValueError, match="gate_mismatch_fraction"):
+        _trainer(DAMMLoss(gate_training="correspondence"), gate_mismatch_fraction=0.0)

@@ -17,6 +17,9 @@ develops over training). With ``gate_training="averaged"`` the trainer draws ``g
 timesteps per sample (no gradient) whose branch errors average into the label. The last
 ``gate_calibration_iterations`` iterations are a calibration phase: the network runs in eval mode, the loss is the
 confidence term alone and only the confidence path (``uafm.confidence_head``) is updated, the denoiser frozen.
+With ``gate_training="correspondence"`` the divergence-aware (and calibration) iterations mismatch the auxiliary
+latents of a ``gate_mismatch_fraction`` share of the batch (:func:`damm.losses.mismatch_auxiliary`) before the
+forward pass; the loss labels those samples 0 and the genuine ones 1.
 
 Mixed precision (``precision``; see ``ddcore.precision``): the noising and the denoiser forward run under
 ``torch.autocast``; the denoiser returns fp32 predictions and confidence (its fp32 islands), the loss is computed in
@@ -36,7 +39,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch import nn
 
-from damm.losses import branch_errors, diffusion_target, min_snr_weights
+from damm.losses import branch_errors, diffusion_target, min_snr_weights, mismatch_auxiliary
 from ddcore.precision import autocast, check_precision, make_grad_scaler, skip_nonfinite_steps
 
 __all__ = ["LOGGED_KEYS", "DAMMDiffusionTrainer", "ForwardAll", "confidence_parameters", "label_rate_buckets"]
@@ -143,6 +146,8 @@ class DAMMDiffusionTrainer(Trainer):
             has ``gate_training="averaged"`` (``>= 1`` then; unused by ``"paper"``).
         gate_calibration_iterations: the last this-many iterations train only the confidence path (0: none, the
             paper).
+        gate_mismatch_fraction: share of each batch whose auxiliary latents are mismatched when the loss has
+            ``gate_training="correspondence"`` (in ``(0, 1)`` then; unused otherwise).
         total_iterations: the run's length, where the calibration phase ends (``None``: ``max_epochs`` times the
             epoch length; set it when an iteration budget ends the run earlier).
         grad_clip_norm: optional gradient-norm clipping (the paper has none).
@@ -172,6 +177,7 @@ class DAMMDiffusionTrainer(Trainer):
         min_snr_gamma: float = 0.0,
         gate_label_timesteps: int = 4,
         gate_calibration_iterations: int = 0,
+        gate_mismatch_fraction: float = 0.25,
         total_iterations: int | None = None,
         grad_clip_norm: float | None = None,
         precision: str = "fp32",
@@ -236,6 +242,14 @@ class DAMMDiffusionTrainer(Trainer):
         self.gate_label_timesteps = int(gate_label_timesteps)
         self.gate_calibration_iterations = int(gate_calibration_iterations)
         self.total_iterations = None if total_iterations is None else int(total_iterations)
+        self.gate_mismatch_fraction = float(gate_mismatch_fraction)
+        if self.correspondence_label and not 0.0 < self.gate_mismatch_fraction < 1.0:
+            raise ValueError(
+                "DAMMDiffusionTrainer: gate_training 'correspondence' needs gate_mismatch_fraction in (0, 1), got "
+                f"{gate_mismatch_fraction}"
+            )
+        if self.correspondence_label and len(self.condition_keys) < 2:
+            raise ValueError("DAMMDiffusionTrainer: gate_training 'correspondence' needs an auxiliary condition")
         if self.averaged_label and self.gate_label_timesteps < 1:
             raise ValueError("DAMMDiffusionTrainer: gate_training 'averaged' needs gate_label_timesteps >= 1")
         if self.gate_calibration_iterations and not confidence_parameters(network):
@@ -253,6 +267,11 @@ class DAMMDiffusionTrainer(Trainer):
     def averaged_label(self) -> bool:
         """Whether the loss takes its label from several timesteps (``gate_training="averaged"``)."""
         return getattr(self.loss_function, "gate_training", "paper") == "averaged"
+
+    @property
+    def correspondence_label(self) -> bool:
+        """Whether the loss labels genuine against mismatched pairs (``gate_training="correspondence"``)."""
+        return getattr(self.loss_function, "gate_training", "paper") == "correspondence"
 
     def calibrating(self, iteration: int) -> bool:
         """Whether a (1-based) iteration is in the calibration phase (the last ``gate_calibration_iterations``).
@@ -296,6 +315,9 @@ class DAMMDiffusionTrainer(Trainer):
         timesteps = torch.randint(0, n_steps, (z0.shape[0],), device=device, dtype=torch.long)
         calibration = self.calibrating(engine.state.iteration)
         phase_b = calibration or self.divergence_aware(engine.state.iteration)
+        mismatch = None
+        if phase_b and self.correspondence_label:
+            conds, mismatch = mismatch_auxiliary(conds, self.gate_mismatch_fraction)
         self.network.train(not calibration)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.precision, device):
@@ -309,6 +331,8 @@ class DAMMDiffusionTrainer(Trainer):
             extra["label_losses"] = self._label_losses(z0, conds)
         if calibration:
             extra["calibration"] = True
+        if mismatch is not None:
+            extra["mismatch"] = mismatch
         loss, logs = self.loss_function(output, target, divergence_aware=phase_b, **extra)
         if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
             # DDP needs every output in the graph of the loss: the confidence (unused in the warm-up) and the
