@@ -37,7 +37,7 @@ from benchmarks.damm_quality import QUICK as QUALITY_QUICK
 from benchmarks.damm_sampling import auroc
 from benchmarks.timing import figure
 
-__all__ = ["FULL_PLAN", "NAME", "SEEDS", "THREADS", "VARIANTS", "run", "run_statistics", "training_summary"]
+__all__ = ["FULL_PLAN", "NAME", "SEEDS", "THREADS", "VARIANTS", "run", "run_plan", "run_statistics", "training_summary"]
 
 NAME = "damm_gate"
 
@@ -302,7 +302,6 @@ def run(
     Returns:
         Figure records.
     """
-    from benchmarks.damm_quality import train_stage
 
     if not quick and variants is None and seeds is None and threads is None:
         plan = list(FULL_PLAN)
@@ -313,32 +312,56 @@ def run(
             for s in (seeds if seeds is not None else ([0] if quick else SEEDS))
             for t in (threads if threads is not None else ([1] if quick else THREADS))
         ]
-    unknown = sorted({v for v, _, _ in plan if v not in VARIANTS})
-    if unknown:
-        raise ValueError(f"damm_gate: unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
     tmp = Path(tempfile.mkdtemp(prefix="damm_gate_")) if quick else None
-    base = tmp if tmp is not None else CACHE
-    common = dict(QUICK) if quick else {}
-    data, ae_root = base / "data" / "synthetic_np", base / "autoencoder"
     try:
-        train_stage(ae_root, data, {**common, "num_threads": 1}, "train_autoencoder")
-        jobs = [
-            {
-                "variant": v,
-                "seed": s,
-                "threads": t,
-                "root": str(base / f"{v}_seed{s}_threads{t}"),
-                "data": str(data),
-                "ae": str(ae_root / "models" / "model_autoencoder.pt"),
-                "overrides": {**common, **VARIANTS[v], "seed": s, "num_threads": t},
-            }
-            for v, s, t in plan
-        ]
-        results = _run_jobs(jobs, cores=1 if quick else max(1, len(os.sched_getaffinity(0))))
+        jobs, results = run_plan(plan, quick, tmp if tmp is not None else CACHE, NAME)
         return _figures(list(zip(jobs, results)), quick)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_plan(
+    plan: list[tuple[str, int, int]], quick: bool, base: Path, benchmark: str, **job_fields: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train the autoencoders once and every ``(variant, seed, threads)`` run of ``plan`` under ``base`` (cached).
+
+    Args:
+        plan: the runs; variants from :data:`VARIANTS`.
+        quick: toy sizes (:data:`QUICK`), one run at a time.
+        base: the cache folder (data, autoencoder and one folder per run).
+        benchmark: name for the error message.
+        job_fields: added to every job (e.g. settings of a later measurement).
+
+    Returns:
+        ``(jobs, results)``: the job dicts and :func:`run_job`'s records, in plan order.
+
+    Raises:
+        ValueError: an unknown variant (before anything is trained).
+    """
+    from benchmarks.damm_quality import train_stage
+
+    unknown = sorted({v for v, _, _ in plan if v not in VARIANTS})
+    if unknown:
+        raise ValueError(f"{benchmark}: unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    common = dict(QUICK) if quick else {}
+    data, ae_root = base / "data" / "synthetic_np", base / "autoencoder"
+    train_stage(ae_root, data, {**common, "num_threads": 1}, "train_autoencoder")
+    jobs = [
+        {
+            "variant": v,
+            "seed": s,
+            "threads": t,
+            "root": str(base / f"{v}_seed{s}_threads{t}"),
+            "data": str(data),
+            "ae": str(ae_root / "models" / "model_autoencoder.pt"),
+            "overrides": {**common, **VARIANTS[v], "seed": s, "num_threads": t},
+            **job_fields,
+        }
+        for v, s, t in plan
+    ]
+    results = _run_jobs(jobs, cores=1 if quick else max(1, len(os.sched_getaffinity(0))))
+    return jobs, results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.damm_gate import CACHE, QUICK, VARIANTS, _run_jobs
+from benchmarks.damm_gate import CACHE, run_plan
 from benchmarks.damm_sampling import auroc
 from benchmarks.timing import figure
 
@@ -199,33 +198,11 @@ def run(quick: bool = False, variants: list[str] | None = None) -> list[dict]:
     Returns:
         Figure records.
     """
-    from benchmarks.damm_quality import train_stage
-
     plan = list(PLAN) if variants is None else [(v, 0, 1) for v in variants]
-    unknown = sorted({v for v, _, _ in plan if v not in VARIANTS})
-    if unknown:
-        raise ValueError(f"damm_gate_label: unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
     draws = 8 if quick else DRAWS
     tmp = Path(tempfile.mkdtemp(prefix="damm_gate_label_")) if quick else None
-    base = tmp if tmp is not None else CACHE
-    common = dict(QUICK) if quick else {}
-    data, ae_root = base / "data" / "synthetic_np", base / "autoencoder"
     try:
-        train_stage(ae_root, data, {**common, "num_threads": 1}, "train_autoencoder")
-        jobs = [
-            {
-                "variant": v,
-                "seed": s,
-                "threads": t,
-                "draws": draws,
-                "root": str(base / f"{v}_seed{s}_threads{t}"),
-                "data": str(data),
-                "ae": str(ae_root / "models" / "model_autoencoder.pt"),
-                "overrides": {**common, **VARIANTS[v], "seed": s, "num_threads": t},
-            }
-            for v, s, t in plan
-        ]
-        _run_jobs(jobs, cores=1 if quick else max(1, len(os.sched_getaffinity(0))))  # trains what is missing
+        jobs, _ = run_plan(plan, quick, tmp if tmp is not None else CACHE, NAME, draws=draws)  # trains what is missing
         figs: list[dict] = []
         for job in jobs:
             res = measure_run(job)
