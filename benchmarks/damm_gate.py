@@ -71,19 +71,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "dm_gate_balance": True,
         "dm_alpha": 0.01,
     },
+    "conditions": {
+        "confidence_source": "conditions",
+        "dm_gate_training": "correspondence",
+        "dm_gate_branch_loss": "both",
+        "dm_gate_balance": True,
+        "dm_alpha": 1.0,
+    },
 }
 SEEDS = (0, 1, 2)
 THREADS = (1, 2)
-#: the runs of the full benchmark, ``(variant, seed, threads)``: ``both_alpha`` (the label diagnosis of
-#: ``benchmarks/damm_gate_label.py``: under ``both`` the label separates divergent tiles, the confidence path does not
-#: learn it; a 100x confidence weight) and ``both`` (avoids the collapse) on three seeds and both thread counts; the
-#: correspondence label, the paper and the averaged label with the paper's gated loss (both collapse) on one seed.
+#: the runs of the full benchmark, ``(variant, seed, threads)``: ``conditions`` (the confidence from the clean
+#: condition latents, trained on genuine against mismatched pairs) and ``both`` (avoids the collapse) on three seeds
+#: and both thread counts; on one seed: ``both_alpha`` (``both`` with a 100x confidence weight: the label diagnosis of
+#: ``benchmarks/damm_gate_label.py`` found the label informative and the confidence not learning it),
+#: ``correspondence`` (the mismatch label with the bottleneck confidence), and the paper and the averaged label with
+#: the paper's gated loss (both collapse).
 FULL_PLAN: tuple[tuple[str, int, int], ...] = (
+    ("conditions", 0, 1),
+    ("conditions", 1, 1),
+    ("conditions", 2, 1),
+    ("conditions", 0, 2),
     ("both_alpha", 0, 1),
     ("correspondence", 0, 1),
-    ("both_alpha", 1, 1),
-    ("both_alpha", 2, 1),
-    ("both_alpha", 0, 2),
     ("paper", 0, 1),
     ("averaged", 0, 1),
     ("both", 0, 1),

@@ -247,8 +247,8 @@ class DAMMDenoiser(nn.Module):
         channels: U-Net widths ``(c0, c1, ..., cL)``; ``L >= 2``; ``L - 1`` downsamplings.
         num_res_blocks: resnet blocks per encoder level (the decoder has one more per level).
         gamma: DAMMP threshold; a plain attribute that may be changed later.
-        confidence_source: ``"joint"`` (the bundle's default) or ``"uni"`` (official); see
-            :class:`~damm.networks.fusion.UAFM`.
+        confidence_source: ``"joint"`` (the bundle's default), ``"uni"`` (official) or ``"conditions"`` (a small
+            network on the clean condition latents, not in the paper); see :class:`~damm.networks.fusion.UAFM`.
         norm: MMFM normalisation, ``"group"`` (default) or ``"batch"`` (official; batch-dependent).
         branch: ``"damm"`` (gated), ``"uni"`` or ``"multi"``; what ``forward`` returns and ``DAMMOutput.eps``
             holds. A plain attribute that may be changed later.
@@ -338,6 +338,7 @@ class DAMMDenoiser(nn.Module):
             num_heads=num_heads,
             confidence_source=confidence_source,
             norm_eps=norm_eps,
+            condition_channels=(1 + self.num_auxiliary) * self.latent_channels,
         )
         # mixed precision: every GroupNorm/BatchNorm computes and returns fp32 under autocast (same state dict)
         keep_norms_fp32(self)
@@ -417,7 +418,8 @@ class DAMMDenoiser(nn.Module):
         for l_idx, (ub, mb) in enumerate(zip(self.uni.encoder, self.multi.encoder), start=1):
             xs.append(ub(xs[-1], emb))
             fused.append(self.mmfm[l_idx](xs[-1], mb(fused[-1], emb)))
-        bottleneck, u = self.uafm(xs[-1], fused[-1], use_uncertainty=use_uncertainty)
+        conditions = x[:, self.latent_channels :] if self.confidence_source == "conditions" else None
+        bottleneck, u = self.uafm(xs[-1], fused[-1], use_uncertainty=use_uncertainty, conditions=conditions)
         if need_uni:
             eps_uni = self.uni.decode(xs[-1], xs, emb)
         eps_multi = self.multi.decode(bottleneck, fused, emb)

@@ -16,7 +16,18 @@ from torch import nn
 
 from ddcore.precision import fp32, upcast
 
-__all__ = ["MMFM", "UAFM", "ModalityGate", "SqueezeExcitation", "make_norm"]
+__all__ = [
+    "CONFIDENCE_SOURCES",
+    "MMFM",
+    "UAFM",
+    "ConditionConfidence",
+    "ModalityGate",
+    "SqueezeExcitation",
+    "make_norm",
+]
+
+#: where UAFM's confidence ``u`` comes from (see :class:`UAFM`).
+CONFIDENCE_SOURCES = ("uni", "joint", "conditions")
 
 
 def make_norm(norm: str, spatial_dims: int, channels: int, num_groups: int, eps: float = 1e-5) -> nn.Module:
@@ -147,6 +158,48 @@ class MMFM(nn.Module):
         return self.norm(self.proj(self.se(z)))
 
 
+class ConditionConfidence(nn.Module):
+    """Per-sample confidence from the clean condition latents alone: does the auxiliary image belong to the anchor?
+
+    Three 3x3 convolutions (the last two with stride 2) with SiLU, global average pooling and a linear layer give one
+    logit per sample; ``sigmoid`` of it is the confidence. It sees neither ``x_t`` nor ``t``, so its answer is the same
+    at every sampling step. Divergence is a property of the conditions, not of the noisy target: trained on genuine
+    against mismatched pairs (``gate_training="correspondence"``), a network of this size found the main job's
+    divergent tiles (``benchmarks/damm_gate.py``).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of ``cat([z_anchor, z_aux_1, ...])``.
+        channels: width of the convolutions.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: int = 32) -> None:
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
+        self.features = nn.Sequential(
+            conv(in_channels, channels, 3, padding=1),
+            nn.SiLU(),
+            conv(channels, channels, 3, stride=2, padding=1),
+            nn.SiLU(),
+            conv(channels, channels, 3, stride=2, padding=1),
+            nn.SiLU(),
+            pool(1),
+            nn.Flatten(),
+        )
+        self.logit = nn.Linear(channels, 1)
+
+    def forward(self, conditions: torch.Tensor) -> torch.Tensor:
+        """Confidence per sample, ``[B]`` in (0, 1), fp32.
+
+        Args:
+            conditions: ``[B, in_channels, *spatial]``.
+        """
+        feats = self.features(conditions)
+        with fp32(conditions.device):
+            return torch.sigmoid(self.logit(upcast(feats))).squeeze(-1)
+
+
 class UAFM(nn.Module):
     """Uncertainty-Aware Fusion Module: cross-attention with a per-key confidence on the logits.
 
@@ -165,8 +218,11 @@ class UAFM(nn.Module):
         num_heads: attention heads (the official model has 1); must divide C.
         confidence_source: ``"uni"`` (official: ``u = sigmoid(Linear(GN(x)))``, blind to the auxiliary modality)
             or ``"joint"`` (``u = sigmoid(MLP([GN(x), GN(ctx)]))``, sees both streams so it can react to an
-            auxiliary image that disagrees with the anchor).
+            auxiliary image that disagrees with the anchor) or ``"conditions"`` (not in the paper: one ``u`` per
+            sample, the same for every token, from :class:`ConditionConfidence` on the clean condition latents, which
+            :meth:`forward` then needs).
         norm_eps: GroupNorm epsilon.
+        condition_channels: channels of the condition latents (``confidence_source="conditions"`` only).
 
     Raises:
         ValueError: for an unknown ``confidence_source`` or ``num_heads`` not dividing ``channels``.
@@ -180,10 +236,13 @@ class UAFM(nn.Module):
         num_heads: int = 1,
         confidence_source: str = "uni",
         norm_eps: float = 1e-6,
+        condition_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if confidence_source not in ("uni", "joint"):
-            raise ValueError(f"confidence_source must be 'uni' or 'joint', got {confidence_source!r}")
+        if confidence_source not in CONFIDENCE_SOURCES:
+            raise ValueError(f"confidence_source must be one of {CONFIDENCE_SOURCES}, got {confidence_source!r}")
+        if confidence_source == "conditions" and not condition_channels:
+            raise ValueError("UAFM: confidence_source 'conditions' needs condition_channels")
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the bottleneck channels {channels}")
         if channels % num_groups:
@@ -199,6 +258,8 @@ class UAFM(nn.Module):
         self.confidence_head: nn.Module
         if confidence_source == "uni":
             self.confidence_head = nn.Linear(channels, 1)
+        elif confidence_source == "conditions":
+            self.confidence_head = ConditionConfidence(spatial_dims, int(condition_channels or 0))
         else:
             self.confidence_head = nn.Sequential(nn.Linear(2 * channels, channels), nn.SiLU(), nn.Linear(channels, 1))
 
@@ -218,7 +279,11 @@ class UAFM(nn.Module):
             return torch.sigmoid(self.confidence_head(feats)).squeeze(-1)
 
     def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, use_uncertainty: bool = True
+        self,
+        x: torch.Tensor,
+        ctx: torch.Tensor,
+        use_uncertainty: bool = True,
+        conditions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attend from ``x`` to ``ctx``.
 
@@ -226,6 +291,7 @@ class UAFM(nn.Module):
             x: uni-modal bottleneck features ``[B, C, *spatial]`` (query and residual base).
             ctx: fused features, same shape (key and value).
             use_uncertainty: multiply the logits by ``u`` (False in the warm-up phase; ``u`` is still returned).
+            conditions: the clean condition latents (needed by ``confidence_source="conditions"`` only).
 
         Returns:
             ``(out, u)``: ``out`` has the shape of ``x``; ``u`` is ``[B, N]`` with ``N`` the number of tokens.
@@ -233,7 +299,12 @@ class UAFM(nn.Module):
         b, c = x.shape[:2]
         spatial = x.shape[2:]
         xn, cn = self.norm(x), self.norm(ctx)
-        u = self.confidence(xn.flatten(2).transpose(1, 2), cn.flatten(2).transpose(1, 2))
+        if self.confidence_source == "conditions":
+            if conditions is None:
+                raise ValueError("UAFM: confidence_source 'conditions' needs the condition latents")
+            u = self.confidence_head(conditions)[:, None].expand(b, math.prod(spatial))
+        else:
+            u = self.confidence(xn.flatten(2).transpose(1, 2), cn.flatten(2).transpose(1, 2))
         h, d = self.num_heads, c // self.num_heads
         q = self.to_q(xn).reshape(b, h, d, -1).transpose(2, 3)  # B h N d
         k = self.to_k(cn).reshape(b, h, d, -1).transpose(2, 3)
