@@ -95,7 +95,7 @@ def test_gating_selects_per_sample() -> None:
     torch.testing.assert_close(model(x, t), out.eps_uni)
 
 
-@pytest.mark.parametrize("confidence_source", ["uni", "joint"])
+@pytest.mark.parametrize("confidence_source", ["uni", "joint", "conditions"])
 def test_batched_gating_equals_per_sample_loop(confidence_source: str) -> None:
     torch.manual_seed(2)
     model = _tiny(num_auxiliary=2, confidence_source=confidence_source)
@@ -254,3 +254,34 @@ def test_bad_inputs_raise_clear_errors() -> None:
         _tiny(confidence_source="aux")
     with pytest.raises(ValueError, match="norm must be"):
         _tiny(norm="instance")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_conditions_confidence_depends_on_the_conditions_only(spatial_dims: int) -> None:
+    """confidence_source "conditions": one u per sample (every token), blind to x_t and t, trained by the BCE."""
+    from damm.engines.diffusion_trainer import confidence_parameters
+    from damm.networks.fusion import UAFM
+
+    torch.manual_seed(4)
+    model = _tiny(spatial_dims, num_auxiliary=2, confidence_source="conditions")
+    x, t = _inputs(model, 3, 16)
+    out = model.forward_all(x, t)
+    u = out.confidence_map.flatten(1)
+    torch.testing.assert_close(u, u[:, :1].expand_as(u))  # the same u for every token
+    x2 = x.clone()
+    x2[:, : model.latent_channels] = torch.randn_like(x2[:, : model.latent_channels])
+    torch.testing.assert_close(model.forward_all(x2, torch.randint(0, 1000, (3,))).confidence, out.confidence)
+    x3 = x.clone()
+    x3[:, -model.latent_channels :] = torch.randn_like(x3[:, -model.latent_channels :])  # another auxiliary image
+    assert not torch.allclose(model.forward_all(x3, t).confidence, out.confidence)
+    names = [n for n, _ in confidence_parameters(model)]
+    assert names and all(n.startswith("uafm.confidence_head.") for n in names)  # the calibration phase finds it
+    grads = torch.autograd.grad(out.confidence.sum(), [p for _, p in confidence_parameters(model)])
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+    uafm = UAFM(spatial_dims, 16, num_groups=4, confidence_source="conditions", condition_channels=6)
+    with pytest.raises(ValueError, match="condition latents"):
+        uafm(torch.randn((1, 16) + (4,) * spatial_dims), torch.randn((1, 16) + (4,) * spatial_dims))
+    with pytest.raises(ValueError, match="condition_channels"):
+        UAFM(spatial_dims, 16, num_groups=4, confidence_source="conditions")
+    with pytest.raises(ValueError, match="confidence_source"):
+        UAFM(spatial_dims, 16, num_groups=4, confidence_source="other")
