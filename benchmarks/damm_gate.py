@@ -78,28 +78,37 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "dm_gate_balance": True,
         "dm_alpha": 1.0,
     },
+    "conditions_gated": {
+        "confidence_source": "conditions",
+        "dm_gate_training": "correspondence",
+        "dm_gate_branch_loss": "gated",
+        "dm_gate_balance": True,
+        "dm_alpha": 1.0,
+    },
 }
 SEEDS = (0, 1, 2)
 THREADS = (1, 2)
-#: the runs of the full benchmark, ``(variant, seed, threads)``: ``conditions`` (the confidence from the clean
-#: condition latents, trained on genuine against mismatched pairs) and ``both`` (avoids the collapse) on three seeds
-#: and both thread counts; on one seed: ``both_alpha`` (``both`` with a 100x confidence weight: the label diagnosis of
-#: ``benchmarks/damm_gate_label.py`` found the label informative and the confidence not learning it),
-#: ``correspondence`` (the mismatch label with the bottleneck confidence), and the paper and the averaged label with
-#: the paper's gated loss (both collapse).
+#: the runs of the full benchmark, ``(variant, seed, threads)``: the confidence from the clean condition latents,
+#: trained on genuine against mismatched pairs, with both branches trained on every sample (``conditions``) or the
+#: multi-modal branch only on the samples the gate sends to it (``conditions_gated``), on three seeds and both
+#: thread counts; on one seed: ``both`` (avoids the collapse of the paper's procedure), ``both_alpha`` (the same with
+#: a 100x confidence weight: ``benchmarks/damm_gate_label.py`` found its label informative and the bottleneck
+#: confidence not learning it), ``correspondence`` (the mismatch label with the bottleneck confidence), the paper and
+#: the averaged label with the paper's gated loss (both collapse).
 FULL_PLAN: tuple[tuple[str, int, int], ...] = (
+    ("conditions_gated", 0, 1),
+    ("conditions", 2, 1),
+    ("conditions_gated", 1, 1),
+    ("conditions_gated", 2, 1),
     ("conditions", 0, 1),
     ("conditions", 1, 1),
-    ("conditions", 2, 1),
+    ("averaged", 0, 1),
     ("conditions", 0, 2),
+    ("conditions_gated", 0, 2),
     ("both_alpha", 0, 1),
     ("correspondence", 0, 1),
     ("paper", 0, 1),
-    ("averaged", 0, 1),
     ("both", 0, 1),
-    ("both", 1, 1),
-    ("both", 2, 1),
-    ("both", 0, 2),
 )
 DECISIONS = ("per_step", "per_sample")
 SUBSETS = ("consistent", "divergent")
