@@ -20,7 +20,7 @@ Figures per run and split:
 - AUROC of ``1 - c`` (the confidence in the same passes) for divergent tiles: what the gate learnt.
 
 Run: ``python -m benchmarks.damm_gate_label [--quick] [--variants paper both]`` (full: trains the runs it lacks,
-two at a time on one thread each, about 20 minutes on 2 idle cores; cached runs are reused).
+two at a time on one thread each, about 13 minutes on 2 idle cores (the record's time); cached runs are reused).
 """
 
 from __future__ import annotations
