@@ -1,0 +1,139 @@
+"""Does the recommended gate pick the better branch on a subject it has never seen? (issue 14, the BraTS target)
+
+The cross-subject BraTS protocol of :mod:`benchmarks.task_brats` (train the task bundle on one patient's axial
+slices, evaluate the whole brain of the other patient, both directions), with the gate trained the way the README
+recommends (:data:`benchmarks.damm_gate.VARIANTS` ``["conditions_gated"]``: the confidence from the clean
+condition latents, trained on genuine against mismatched pairs, the paper's gated branch loss, alpha 1.0) and every
+other setting as in ``task_brats``'s full run. The gated sampler (DDIM-50, per-step decision) and the two branches
+alone are scored on the brain (PSNR, SSIM, MAE); the figures of interest:
+
+- gated PSNR minus ``max(uni, multi)`` per direction (target of issue 14: >= 0);
+- the fraction of steps the gate sent to the multi-modal branch (every pair of a real subject is genuine, so a
+  gate that learnt correspondence should send nearly all of them to multi).
+
+The UNet and trivial baselines of the same run are reported too (the protocol trains and evaluates them anyway).
+``quick=True``: one direction at 4 mm with tiny networks and a few iterations (a plumbing check). Run alone with
+``python -m benchmarks.damm_gate_brats [--quick]``; ``TASK_BENCH_KEEP=DIR`` keeps the trained bundles (a killed
+run resumes from their checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.damm_gate import VARIANTS
+from benchmarks.task_brats import FULL, QUICK, shared_subjects
+from benchmarks.task_protocol import direction_figures, run_directions
+from benchmarks.timing import figure
+
+__all__ = ["BRANCHES", "NAME", "VARIANT", "gate_figures", "run"]
+
+NAME = "damm_gate_brats"
+#: the gate-training variant measured (the README's recommendation).
+VARIANT = "conditions_gated"
+BRANCHES = ("damm", "uni", "multi")
+
+
+def gate_figures(label: str, final: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Gated minus the better branch (brain PSNR and SSIM) and the share of steps on multi for one direction.
+
+    Args:
+        label: the direction's label (``"brats flair glioma -> metastasis"``).
+        final: the direction's ``task_evaluation.json``.
+        settings: the direction's settings (budgets and the variant's overrides go into the params).
+
+    Returns:
+        Figure records.
+    """
+    mean = final["mean"]
+    common = {
+        "direction": label,
+        "variant": VARIANT,
+        **{k: settings.get(k) for k in ("ae_iterations", "dm_iterations", "num_threads")},
+        **VARIANTS[VARIANT],
+    }
+    figs = []
+    for metric, unit in (("psnr", "dB"), ("ssim", "")):
+        gated = mean["damm"]["brain"][metric]
+        best = max(mean["uni"]["brain"][metric], mean["multi"]["brain"][metric])
+        figs.append(
+            figure(
+                f"{label}: gated minus better branch, brain {metric.upper()}",
+                gated - best,
+                unit,
+                metric=metric,
+                better_branch="uni" if mean["uni"]["brain"][metric] >= mean["multi"]["brain"][metric] else "multi",
+                **common,
+            )
+        )
+    fractions = [
+        rec["branch_statistics"]["multi_step_fraction"]
+        for subject in final["subjects"].values()
+        for method, rec in subject["methods"].items()
+        if method == "damm" and "multi_step_fraction" in (rec.get("branch_statistics") or {})
+    ]
+    if fractions:
+        figs.append(
+            figure(
+                f"{label}: gated, share of steps on the multi-modal branch",
+                100.0 * sum(fractions) / len(fractions),
+                "%",
+                **common,
+            )
+        )
+    return figs
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Measure both directions (one note figure when the shared data is absent).
+
+    Args:
+        quick: one direction, 4 mm, tiny networks, a few iterations.
+
+    Returns:
+        Figure records.
+    """
+    subjects = shared_subjects()
+    if subjects is None:
+        return [figure("damm_gate_brats: shared BraTS subjects absent, nothing measured", 0.0, "")]
+    settings = {
+        **(QUICK if quick else FULL),
+        **VARIANTS[VARIANT],
+        "dm_snapshot_fractions": [],
+        "task_eval_branches": list(BRANCHES),
+    }
+    keep = os.environ.get("TASK_BENCH_KEEP")
+    directions = (("glioma", "metastasis"), ("metastasis", "glioma"))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(keep) if keep else Path(tmp)
+        jobs = []
+        for src, dst in directions[:1] if quick else directions:
+            root = base / f"gate_{src}_to_{dst}"
+            root.mkdir(parents=True, exist_ok=True)
+            datalist = root / "datalist.json"
+            datalist.write_text(json.dumps({"training": [subjects[src]], "test": [subjects[dst]]}, indent=2))
+            jobs.append(
+                {
+                    "overlay": "task_brats.json",
+                    "root": str(root),
+                    "settings": {**settings, "datalist": str(datalist)},
+                    "label": f"brats flair {src} -> {dst}",
+                    "fractions": [1.0],
+                    "threads": 1,
+                }
+            )
+        results = run_directions(jobs, parallel=not quick)
+    figs: list[dict[str, Any]] = []
+    for res in results:
+        figs += gate_figures(res["label"], res["final"], res["settings"])
+        figs += direction_figures(res, "brain")
+    return figs
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
