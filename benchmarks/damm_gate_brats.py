@@ -131,7 +131,8 @@ def run(quick: bool = False) -> list[dict]:
     figs: list[dict[str, Any]] = []
     for res in results:
         figs += gate_figures(res["label"], res["final"], res["settings"])
-        figs += direction_figures(res, "brain")
+        # no budget curve here (no snapshots): the "at 100 % of the budget" points would join task_brats's plots
+        figs += [f for f in direction_figures(res, "brain") if "budget_fraction" not in f.get("params", {})]
     return figs
 
 

@@ -346,11 +346,45 @@ def _gate_label(rec: dict[str, Any]) -> str:
     )
 
 
+def _gate_brats(rec: dict[str, Any]) -> str:
+    """Issue 14's BraTS check: per direction, gated / uni / multi (brain), the gate's routing and the baselines."""
+    rows: dict[str, dict[str, Any]] = {}
+    for fig in rec.get("figures", []):
+        p, name = fig.get("params", {}), fig["name"]
+        direction = p.get("direction")
+        if direction is None:
+            continue
+        row = rows.setdefault(direction, {})
+        if p.get("region") == "brain" and p.get("metric") in ("psnr", "ssim") and "budget_fraction" not in p:
+            row[(p["method"], p["metric"])] = fig["value"]
+        elif "gated minus better branch" in name and p.get("metric") == "psnr":
+            row["delta"], row["better"] = fig["value"], p.get("better_branch")
+        elif "share of steps on the multi-modal branch" in name:
+            row["multi_share"] = fig["value"]
+    methods = ("damm", "uni", "multi", "unet_baseline")
+    head = "| direction | " + " | ".join(f"{m} PSNR / SSIM" for m in methods)
+    head += " | best trivial baseline | gated - better branch (PSNR) | steps to multi |"
+    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    for direction, row in sorted(rows.items()):
+        cells = [f"{_f(row.get((m, 'psnr')), 2)} dB / {_f(row.get((m, 'ssim')), 3)}" for m in methods]
+        trivial = {
+            k[0]: v for k, v in row.items() if isinstance(k, tuple) and k[0].startswith("copy_") and k[1] == "psnr"
+        }
+        best = max(trivial.items(), key=lambda kv: kv[1], default=None)
+        cells.append(f"{best[0]} {best[1]:.2f} dB" if best else "")
+        delta = row.get("delta")
+        cells.append(f"{delta:+.2f} dB (better: {row.get('better')})" if delta is not None else "")
+        cells.append(f"{_f(row.get('multi_share'), 1)} %")
+        lines.append(f"| {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: block name -> (record name, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main_job": ("damm_quality", _main_job),
     "damm_gate": ("damm_gate", _gate),
     "damm_gate_label": ("damm_gate_label", _gate_label),
+    "damm_gate_brats": ("damm_gate_brats", _gate_brats),
     "task_brats": ("task_brats", lambda r: _task_table(r, "brain", "tumour")),
     "task_microscopy": ("task_microscopy", lambda r: _task_table(r, "field", None)),
     "task_brats_autoencoder": ("task_brats_autoencoder", _autoencoder_lever),
