@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.damm_gate import VARIANTS
-from benchmarks.task_brats import FULL, QUICK, shared_subjects
+from benchmarks.task_brats import FULL, QUICK, direction_jobs, shared_subjects
 from benchmarks.task_protocol import direction_figures, run_directions
 from benchmarks.timing import figure
 
@@ -108,25 +108,8 @@ def run(quick: bool = False) -> list[dict]:
         "task_eval_branches": list(BRANCHES),
     }
     keep = os.environ.get("TASK_BENCH_KEEP")
-    directions = (("glioma", "metastasis"), ("metastasis", "glioma"))
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(keep) if keep else Path(tmp)
-        jobs = []
-        for src, dst in directions[:1] if quick else directions:
-            root = base / f"gate_{src}_to_{dst}"
-            root.mkdir(parents=True, exist_ok=True)
-            datalist = root / "datalist.json"
-            datalist.write_text(json.dumps({"training": [subjects[src]], "test": [subjects[dst]]}, indent=2))
-            jobs.append(
-                {
-                    "overlay": "task_brats.json",
-                    "root": str(root),
-                    "settings": {**settings, "datalist": str(datalist)},
-                    "label": f"brats flair {src} -> {dst}",
-                    "fractions": [1.0],
-                    "threads": 1,
-                }
-            )
+        jobs = direction_jobs(subjects, settings, Path(keep) if keep else Path(tmp), quick, prefix="gate_")
         results = run_directions(jobs, parallel=not quick)
     figs: list[dict[str, Any]] = []
     for res in results:

@@ -27,7 +27,7 @@ from benchmarks.task_protocol import curve_fractions, direction_figures, run_dir
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
 
-__all__ = ["FULL", "NAME", "QUICK", "run", "shared_subjects"]
+__all__ = ["FULL", "NAME", "QUICK", "direction_jobs", "run", "shared_subjects", "write_datalist"]
 
 NAME = "task_brats"
 
@@ -76,10 +76,45 @@ def _subject(folder: Path, name: str) -> dict[str, Any]:
     }
 
 
-def _datalist(train: dict[str, Any], test: dict[str, Any], path: Path) -> Path:
+def write_datalist(train: dict[str, Any], test: dict[str, Any], path: Path) -> Path:
+    """Write a one-subject-each ``{"training": [train], "test": [test]}`` datalist to ``path`` (parents made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"training": [train], "test": [test]}, indent=2))
     return path
+
+
+def direction_jobs(
+    subjects: dict[str, dict[str, Any]], settings: dict[str, Any], base: Path, quick: bool, prefix: str = ""
+) -> list[dict[str, Any]]:
+    """The :func:`benchmarks.task_protocol.run_direction` jobs of both directions (``quick``: the first only), each
+    with its datalist written under ``base / f"{prefix}{src}_to_{dst}"``.
+
+    Args:
+        subjects: :func:`shared_subjects`.
+        settings: the bundle overrides of every job.
+        base: folder of the trained bundles.
+        quick: one direction (a plumbing check).
+        prefix: prefix of the bundles' folder names.
+
+    Returns:
+        Jobs, one thread each.
+    """
+    directions = (("glioma", "metastasis"), ("metastasis", "glioma"))
+    jobs = []
+    for src, dst in directions[:1] if quick else directions:
+        root = base / f"{prefix}{src}_to_{dst}"
+        datalist = write_datalist(subjects[src], subjects[dst], root / "datalist.json")
+        jobs.append(
+            {
+                "overlay": "task_brats.json",
+                "root": str(root),
+                "settings": {**settings, "datalist": str(datalist)},
+                "label": f"brats flair {src} -> {dst}",
+                "fractions": curve_fractions(settings),
+                "threads": 1,
+            }
+        )
+    return jobs
 
 
 def _resampling_limit(test: dict[str, Any], pixdim: Any) -> dict[str, float]:
@@ -122,22 +157,7 @@ def run(quick: bool = False) -> list[dict]:
     settings = QUICK if quick else FULL
     keep = os.environ.get("TASK_BENCH_KEEP")
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(keep) if keep else Path(tmp)
-        jobs = []
-        directions = (("glioma", "metastasis"), ("metastasis", "glioma"))
-        for src, dst in directions[:1] if quick else directions:  # quick: one direction (a plumbing check)
-            root = base / f"{src}_to_{dst}"
-            datalist = _datalist(subjects[src], subjects[dst], root / "datalist.json")
-            jobs.append(
-                {
-                    "overlay": "task_brats.json",
-                    "root": str(root),
-                    "settings": {**settings, "datalist": str(datalist)},
-                    "label": f"brats flair {src} -> {dst}",
-                    "fractions": curve_fractions(settings),
-                    "threads": 1,
-                }
-            )
+        jobs = direction_jobs(subjects, settings, Path(keep) if keep else Path(tmp), quick)
         results = run_directions(jobs, parallel=not quick)
     figs = []
     for res in results:

@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks.task_brats import FULL, QUICK, _datalist, shared_subjects
+from benchmarks.task_brats import FULL, QUICK, shared_subjects, write_datalist
 from benchmarks.task_protocol import CONFIGS
 from benchmarks.timing import figure
 
@@ -89,7 +89,7 @@ def run(quick: bool = False) -> list[dict]:
     settings = {k: base[k] for k in AE_KEYS if k in base}
     train, test = subjects["glioma"], subjects["metastasis"]
     with tempfile.TemporaryDirectory() as tmp:
-        datalist = _datalist(train, test, Path(tmp) / "datalist.json")
+        datalist = write_datalist(train, test, Path(tmp) / "datalist.json")
         jobs = [
             {"root": str(Path(tmp) / f"shared_{s}"), "test": test,
              "settings": {**settings, "ae_shared": s, "datalist": str(datalist)}}
