@@ -40,7 +40,8 @@ BRANCHES = ("damm", "uni", "multi")
 
 
 def gate_figures(label: str, final: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Gated minus the better branch (brain PSNR and SSIM) and the share of steps on multi for one direction.
+    """Gated minus the better branch (brain PSNR and SSIM) for one direction (the share of steps on multi is
+    :func:`benchmarks.task_protocol.direction_figures`'s "damm fraction of steps on the multi-modal branch").
 
     Args:
         label: the direction's label (``"brats flair glioma -> metastasis"``).
@@ -68,21 +69,6 @@ def gate_figures(label: str, final: dict[str, Any], settings: dict[str, Any]) ->
                 unit,
                 metric=metric,
                 better_branch="uni" if mean["uni"]["brain"][metric] >= mean["multi"]["brain"][metric] else "multi",
-                **common,
-            )
-        )
-    fractions = [
-        rec["branch_statistics"]["multi_step_fraction"]
-        for subject in final["subjects"].values()
-        for method, rec in subject["methods"].items()
-        if method == "damm" and "multi_step_fraction" in (rec.get("branch_statistics") or {})
-    ]
-    if fractions:
-        figs.append(
-            figure(
-                f"{label}: gated, share of steps on the multi-modal branch",
-                100.0 * sum(fractions) / len(fractions),
-                "%",
                 **common,
             )
         )

@@ -359,8 +359,8 @@ def _gate_brats(rec: dict[str, Any]) -> str:
             row[(p["method"], p["metric"])] = fig["value"]
         elif "gated minus better branch" in name and p.get("metric") == "psnr":
             row["delta"], row["better"] = fig["value"], p.get("better_branch")
-        elif "share of steps on the multi-modal branch" in name:
-            row["multi_share"] = fig["value"]
+        elif p.get("method") == "damm" and "fraction of steps on the multi-modal branch" in name:
+            row["multi_share"] = 100.0 * fig["value"]
     methods = ("damm", "uni", "multi", "unet_baseline")
     head = "| direction | " + " | ".join(f"{m} PSNR / SSIM" for m in methods)
     head += " | best trivial baseline | gated - better branch (PSNR) | steps to multi |"

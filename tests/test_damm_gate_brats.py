@@ -10,16 +10,12 @@ from benchmarks.tables import _gate_brats
 from benchmarks.timing import figure
 
 
-def _final(gated: float, uni: float, multi: float, fractions: list[float]) -> dict:
+def _final(gated: float, uni: float, multi: float) -> dict:
     def regions(psnr: float) -> dict:
         return {"brain": {"psnr": psnr, "ssim": psnr / 100.0, "mae": 0.1}}
 
     return {
-        "mean": {"damm": regions(gated), "uni": regions(uni), "multi": regions(multi), "copy_t1_linear": regions(9.0)},
-        "subjects": {
-            f"s{i}": {"methods": {"damm": {"branch_statistics": {"multi_step_fraction": f}}, "uni": {}}}
-            for i, f in enumerate(fractions)
-        },
+        "mean": {"damm": regions(gated), "uni": regions(uni), "multi": regions(multi), "copy_t1_linear": regions(9)}
     }
 
 
@@ -28,27 +24,23 @@ def _final(gated: float, uni: float, multi: float, fractions: list[float]) -> di
     [(16.0, 15.0, 16.5, -0.5, "multi"), (15.2, 15.0, 14.0, 0.2, "uni"), (16.0, 15.0, 16.0, 0.0, "multi")],
 )
 def test_gate_figures_hand_computed(gated, uni, multi, delta, better):
-    figs = gate_figures("d", _final(gated, uni, multi, [1.0, 0.5]), {"dm_iterations": 7})
+    figs = gate_figures("d", _final(gated, uni, multi), {"dm_iterations": 7})
     by_name = {f["name"]: f for f in figs}
+    assert len(figs) == 2
     psnr = by_name["d: gated minus better branch, brain PSNR"]
     assert psnr["value"] == pytest.approx(delta) and psnr["unit"] == "dB"
     assert psnr["params"]["better_branch"] == better and psnr["params"]["dm_iterations"] == 7
     assert by_name["d: gated minus better branch, brain SSIM"]["value"] == pytest.approx(delta / 100.0)
-    assert by_name["d: gated, share of steps on the multi-modal branch"]["value"] == pytest.approx(75.0)
     # the variant's overrides are recorded with every figure
     assert VARIANTS[VARIANT].items() <= psnr["params"].items()
 
 
-def test_gate_figures_without_branch_statistics_have_no_share():
-    final = _final(16.0, 15.0, 16.0, [])
-    assert [f["name"] for f in gate_figures("d", final, {})] == [
-        "d: gated minus better branch, brain PSNR",
-        "d: gated minus better branch, brain SSIM",
-    ]
-
-
 def test_table_row_per_direction():
-    figs = gate_figures("a -> b", _final(16.0, 15.0, 16.5, [0.9]), {})
+    figs = gate_figures("a -> b", _final(16.0, 15.0, 16.5), {})
+    # direction_figures' routing figures: only the gated sampler's is the gate's share
+    for method, fraction in (("damm", 0.9), ("uni", 0.0), ("multi", 1.0)):
+        figs.append(figure(f"a -> b: {method} fraction of steps on the multi-modal branch", fraction, "",
+                           direction="a -> b", method=method))  # fmt: skip
     for method, psnr in (("damm", 16.0), ("uni", 15.0), ("multi", 16.5), ("unet_baseline", 14.0)):
         for metric, value in (("psnr", psnr), ("ssim", psnr / 100)):
             figs.append(figure(f"a -> b: {method} {metric}", value, "", direction="a -> b", method=method,
