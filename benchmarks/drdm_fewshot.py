@@ -17,11 +17,13 @@ arm. Arms:
 - ``none``: no augmentation.
 - ``monai``: ``RandAffined`` (prob 0.8, rotation ±15°, scaling ±10 %, translation ±8 px) then ``Rand2DElasticd``
   (prob 0.5, control spacing 16 px, magnitude 1-3), bilinear images, nearest labels, zero padding.
-- ``drdm``: :class:`drdm.transforms.RandDRDMDeformd` (prob 0.8, T' in {8, 16}, field bank of 4 fields per image and
-  level, never refreshed, sampler ``recovery_stride`` 2, the config's folding guard), labels nearest.
+- ``drdm``: :class:`drdm.transforms.RandDRDMDeformd` (prob 0.8, T' in {16, 32, 48}, field bank of 8 fields per
+  image and level, never refreshed, sampler ``recovery_stride`` 4, the config's folding guard), labels nearest.
+  T' 16-48 is the range the spec's measurement of the official model calls moderate (folding < 1 % up to 32-48);
+  the earlier T' {8, 16} gave fields of about 1 % of the slice size, far smaller than the MONAI arm's.
 - ``both``: ``drdm`` then ``monai``.
 
-The DRDM model: the bundle's 2D ``RecoveryNet`` (``network_def`` and ``diffusion`` of
+The DRDM model (:mod:`benchmarks.drdm_model`): the bundle's 2D ``RecoveryNet`` (``network_def`` and ``diffusion`` of
 ``bundle/configs/drdm_common.json``) trained inside the benchmark with :class:`drdm.trainer.DRDMTrainer` for
 ``drdm_iterations`` iterations on random 64² crops of all CT slices (images only, never the labels: the paper's
 unlabelled setting), the config's loss and spec §2.4 augmentation, Adam 1e-3; or the weights at
@@ -30,12 +32,16 @@ unlabelled setting), the config's loss and spec §2.4 augmentation, Adam 1e-3; o
 
 Figures: mean Dice over the 8 labels (MONAI ``DiceMetric``, background excluded, labels absent from a test slice
 ignored), per-label Dice of the 3 largest organs, mean ± sd over seeds (``sd`` and per-seed values in ``params``),
-augmentation seconds per sample, and the DRDM bank fields' mean displacement.
+the **paired** difference of every augmented arm to ``monai`` (per seed, same split and initialisation: the split
+dominates the unpaired sd at K = 1), augmentation seconds per sample, and the DRDM bank fields' mean / p99
+displacement and folding per start level, and what the learned recovery does
+(:func:`benchmarks.drdm_model.recovery_effect`: mean displacement of the random start field against the
+recovered field, same draws).
 
 Run: ``python -m benchmarks run --only drdm_fewshot [--quick]``. Full: K = 1, 3, 5 x 3 seeds x 4 arms x 250
-iterations after 400 DRDM iterations, sized for about 15 min on one thread (estimated from per-step costs: 0.3 s
-per DRDM iteration, 0.07 s per UNet iteration, 2 s per bank); quick (K = 1, 2 seeds, a few iterations, 64²): a
-plumbing check.
+iterations after 2000 DRDM iterations (cosine term about -0.4: the recovery removes only a small part of the
+random field, see the recovery figures), sized for about 30 min on one thread (0.2 s per DRDM iteration, 0.07 s per
+UNet iteration, about 0.4 s per bank field); quick (K = 1, 2 seeds, a few iterations, 64²): a plumbing check.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -54,30 +59,21 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
-    EnsureTyped,
     Rand2DElasticd,
     RandAffined,
-    RandSpatialCropd,
-    ScaleIntensityRangePercentilesd,
     SpatialPadd,
 )
 
+from benchmarks.drdm_model import bank_statistics, load_or_train_drdm, make_sampler, recovery_effect
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
-from ddcore.checkpoints import load_checked_state_dict
-from drdm.diffusion import DeformationDiffusion
-from drdm.io import deformation_stats
-from drdm.losses import DRDMLoss
-from drdm.networks import RecoveryNet
 from drdm.sampler import DRDMSampler
-from drdm.trainer import DRDMTrainer, augmentation_transforms
 from drdm.transforms import RandDRDMDeformd
 
 __all__ = [
@@ -88,23 +84,18 @@ __all__ = [
     "N_LABELS",
     "QUICK",
     "ct_slices",
-    "drdm_config",
     "evaluate",
     "fewshot_split",
-    "load_or_train_drdm",
     "make_arm",
-    "make_sampler",
     "map_labels",
+    "paired_differences",
     "run",
     "top_labels",
-    "train_drdm",
     "train_segmenter",
 ]
 
 NAME = "drdm_fewshot"
 
-CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "drdm_common.json"
-TRAIN_CONFIG = CONFIG.with_name("drdm_train.json")
 ARMS = ("none", "monai", "drdm", "both")
 GAP = 3
 N_LABELS = 8
@@ -134,12 +125,12 @@ FULL: dict[str, Any] = {
     "steps": 250,
     "batch": 4,
     "channels": [16, 32, 64, 128],
-    "drdm_iterations": 400,
+    "drdm_iterations": 2000,
     "drdm_roi": [64, 64],
     "drdm_batch": 4,
-    "t_prime": [8, 16],
-    "bank_size": 4,
-    "recovery_stride": 2,
+    "t_prime": [16, 32, 48],
+    "bank_size": 8,
+    "recovery_stride": 4,
     "translate_px": 8,
     "elastic_spacing": 16,
 }
@@ -233,83 +224,6 @@ def ct_slices(
     return images.float(), segs.float(), labels
 
 
-# ---------------------------------------------------------------------------------------------------- DRDM model
-def _scalar(value: Any) -> float:
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def drdm_config() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """``network_def``, ``diffusion``, ``sampler_kwargs`` and the training ``loss`` of the bundle configs."""
-    cfg = json.loads(CONFIG.read_text())
-    net = {k: v for k, v in cfg["network_def"].items() if k not in ("_target_", "spatial_dims", "in_channels")}
-    diff = {k: v for k, v in cfg["diffusion"].items() if k not in ("_target_", "num_timesteps")}
-    diff["num_timesteps"] = cfg["num_timesteps"]
-    loss = {k: v for k, v in json.loads(TRAIN_CONFIG.read_text())["loss"].items() if k != "_target_"}
-    return net, diff, dict(cfg["sampler_kwargs"]), loss
-
-
-def train_drdm(
-    images: torch.Tensor, iterations: int, roi: list[int], batch: int, seed: int = 0, lr: float = 1e-3
-) -> tuple[RecoveryNet, DeformationDiffusion, dict[str, Any]]:
-    """Train the bundle's 2D recovery network on ``images`` ``[N, 1, H, W]`` with the project's trainer.
-
-    Random ``roi`` crops, spec §2.4 augmentation (:func:`drdm.trainer.augmentation_transforms`), the config's
-    network, diffusion and loss, Adam at ``lr``, ``iterations`` iterations of ``batch`` crops.
-
-    Returns:
-        The network (eval mode), the diffusion, and what the training did.
-    """
-    net_kw, diff_kw, _, loss_kw = drdm_config()
-    torch.manual_seed(seed)
-    net = RecoveryNet(2, 1, **net_kw)
-    diffusion = DeformationDiffusion(**diff_kw)
-    crop = Compose(
-        [
-            ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
-            SpatialPadd("image", roi),
-            RandSpatialCropd("image", roi, random_size=False),
-            *augmentation_transforms(2, "image", roi_size=roi),
-            EnsureTyped("image", dtype=torch.float32, track_meta=False),
-        ]
-    ).set_random_state(seed)
-    repeat = max(1, math.ceil(iterations * batch / len(images)))
-    loader = DataLoader(
-        Dataset([{"image": img} for img in images] * repeat, crop),
-        batch_size=batch,
-        shuffle=True,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr)
-    trainer = DRDMTrainer("cpu", 1, loader, net, optimizer, diffusion, DRDMLoss(**loss_kw), epoch_length=iterations)
-    start = time.perf_counter()
-    trainer.run()
-    out = trainer.state.output
-    info = {
-        "drdm_iterations": iterations,
-        "drdm_roi": list(roi),
-        "drdm_batch": batch,
-        "drdm_lr": lr,
-        "drdm_train_seconds": round(time.perf_counter() - start, 2),
-        "drdm_final_loss": round(_scalar(out["loss"]), 4),
-        "drdm_final_cosine": round(_scalar(out.get("loss_ang", float("nan"))), 4),
-    }
-    return net.eval(), diffusion, info
-
-
-def load_or_train_drdm(
-    images: torch.Tensor, settings: dict[str, Any], env: str = "DRDM_FEWSHOT_MODEL"
-) -> tuple[RecoveryNet, DeformationDiffusion, dict[str, Any]]:
-    """The weights at ``$env`` when set (a ``RecoveryNet(2, 1, **network_def)`` state dict), else :func:`train_drdm`."""
-    path = os.environ.get(env)
-    if path:
-        net_kw, diff_kw, _, _ = drdm_config()
-        net = RecoveryNet(2, 1, **net_kw)
-        load_checked_state_dict(net, path, "DRDM recovery network (2D)", key="model")
-        return net.eval(), DeformationDiffusion(**diff_kw), {"drdm_model": str(path)}
-    return train_drdm(images, settings["drdm_iterations"], settings["drdm_roi"], settings["drdm_batch"])
-
-
 # ---------------------------------------------------------------------------------------------------- arms
 def _monai_transforms(settings: dict[str, Any]) -> list:
     keys, modes = ["image", "label"], ("bilinear", "nearest")
@@ -363,12 +277,6 @@ def make_arm(name: str, sampler: DRDMSampler | None, settings: dict[str, Any]) -
     if name in ("monai", "both"):
         parts += _monai_transforms(settings)
     return Compose(parts)
-
-
-def make_sampler(network: RecoveryNet, diffusion: DeformationDiffusion, settings: dict[str, Any]) -> DRDMSampler:
-    """The config's sampler settings, batch 8, the benchmark's ``recovery_stride``."""
-    sampler_kw = {**drdm_config()[2], "batch_size": 8, "recovery_stride": settings["recovery_stride"]}
-    return DRDMSampler(network, diffusion, **sampler_kw)
 
 
 # ---------------------------------------------------------------------------------------------------- train / test
@@ -432,20 +340,23 @@ def evaluate(
         return np.where(present.any(0), np.nansum(scores, 0) / np.maximum(present.sum(0), 1), np.nan)
 
 
-def _bank_displacement(arm: Compose, images: torch.Tensor, train_idx: list[int]) -> float | None:
-    """Mean displacement (% of the slice size) of the fields in the arm's DRDM banks (``None`` without a bank)."""
-    drdm = [t for t in arm.transforms if isinstance(t, RandDRDMDeformd)]
-    if not drdm or not drdm[0]._banks:
-        return None
-    fields = torch.cat([entry["fields"] for entry in drdm[0]._banks.values()])
-    return float(np.mean([deformation_stats(f, [1.0, 1.0])["mean_displacement_pct"] for f in fields]))
-
-
 def _summary(values: list[float]) -> tuple[float, float]:
     clean = [v for v in values if not math.isnan(v)]
     if not clean:
         return float("nan"), float("nan")
     return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
+
+
+def paired_differences(per_seed: dict[str, list[float]], reference: str = "monai") -> dict[str, list[float]]:
+    """Per-seed ``arm - reference`` differences for every arm but ``reference`` and ``none`` (same splits per seed).
+
+    The arms of one seed share the split and the initialisation, so the paired difference removes the split's
+    share of the spread (at K = 1 the seed sd of one arm is about 0.1 Dice, mostly from which slice was drawn).
+    """
+    ref = per_seed[reference]
+    return {
+        arm: [a - b for a, b in zip(values, ref)] for arm, values in per_seed.items() if arm not in (reference, "none")
+    }
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -470,7 +381,7 @@ def run(quick: bool = False) -> list[dict]:
     common.update({"bank_size": settings["bank_size"], "recovery_stride": settings["recovery_stride"], **drdm_info})
     figures: list[dict] = []
     aug_time: dict[str, list[float]] = {a: [] for a in ARMS}
-    bank_pct: list[float] = []
+    bank: dict[int, list[dict[str, float]]] = {}
     for k in settings["ks"]:
         scores: dict[str, list[np.ndarray]] = {a: [] for a in ARMS}
         for seed in settings["seeds"]:
@@ -482,12 +393,12 @@ def run(quick: bool = False) -> list[dict]:
                 scores[arm_name].append(dice)
                 if arm is not None:
                     aug_time[arm_name].append(seconds)
-                    pct = _bank_displacement(arm, images, train_idx)
-                    if pct is not None:
-                        bank_pct.append(pct)
+                    for level, stats in bank_statistics(arm).items():
+                        bank.setdefault(level, []).extend(stats)
                 _log(f"K={k} seed={seed} {arm_name}: mean Dice {np.nanmean(dice):.4f}, aug {seconds * 1e3:.1f} ms")
+        seed_means = {a: [float(np.nanmean(s)) for s in scores[a]] for a in ARMS}
         for arm_name in ARMS:
-            per_seed = [float(np.nanmean(s)) for s in scores[arm_name]]
+            per_seed = seed_means[arm_name]
             mean, sd = _summary(per_seed)
             params = {"k": k, "arm": arm_name, "seeds": settings["seeds"], "sd": sd, "per_seed": per_seed, **common}
             figures.append(figure(f"fewshot CT K={k} {arm_name}: mean Dice ({N_LABELS} organs)", mean, "", **params))
@@ -506,6 +417,21 @@ def run(quick: bool = False) -> list[dict]:
                         per_seed=values,
                     )
                 )
+        for arm_name, diffs in paired_differences(seed_means).items():
+            mean, sd = _summary(diffs)
+            figures.append(
+                figure(
+                    f"fewshot CT K={k} {arm_name} minus monai: paired mean Dice difference",
+                    mean,
+                    "",
+                    k=k,
+                    arm=arm_name,
+                    reference_arm="monai",
+                    sd=sd,
+                    per_seed=diffs,
+                    note="per seed: the arm's mean Dice minus the monai arm's on the same split and initialisation",
+                )
+            )
     for arm_name in ARMS[1:]:
         figures.append(
             figure(
@@ -517,15 +443,36 @@ def run(quick: bool = False) -> list[dict]:
                 **common,
             )
         )
-    if bank_pct:
-        figures.append(
-            figure(
-                "fewshot CT DRDM bank fields: mean displacement",
-                statistics.fmean(bank_pct),
-                "% of slice size",
-                **common,
+    probe = int(np.argmax(labels.flatten(1).gt(0).sum(1)))  # the slice with the most labelled pixels
+    for level, (start_pct, recovered_pct) in recovery_effect(sampler, images[probe], settings["t_prime"], 4).items():
+        for label, value in (("random start field", start_pct), ("recovered field", recovered_pct)):
+            figures.append(
+                figure(
+                    f"fewshot CT DRDM T'={level}: mean displacement of the {label}",
+                    value,
+                    "% of slice size",
+                    level=level,
+                    slice=probe,
+                    draws=4,
+                    **common,
+                )
             )
-        )
+    for level, stats in sorted(bank.items()):
+        for key, label, unit in (
+            ("mean_displacement_pct", "mean displacement", "% of slice size"),
+            ("p99_displacement_pct", "p99 displacement", "% of slice size"),
+            ("folding_fraction", "folding (det J <= 0)", "fraction"),
+        ):
+            figures.append(
+                figure(
+                    f"fewshot CT DRDM bank fields T'={level}: {label}",
+                    statistics.fmean(s[key] for s in stats),
+                    unit,
+                    level=level,
+                    fields=len(stats),
+                    **common,
+                )
+            )
     return figures
 
 

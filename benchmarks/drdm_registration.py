@@ -6,7 +6,7 @@ HU window [-250, 350] to [0, 1], padded to 128x112; quick: every second pixel, 6
 - ``drdm``: Algorithm 4 through :class:`drdm.workflows.RegistrationPairWorkflow` (slices written as NIfTI, pairs
   read back from its ``_moving``/``_fixed``/``_ddf``/``_aug_ddf`` files; ``fixed_from="source"``), level pairs
   (T'_aug, T'_syn) = (8, 8) and (16, 8), 2 triplets each per source slice, every slice a source; the DRDM model of
-  :func:`benchmarks.drdm_fewshot.load_or_train_drdm` (``$DRDM_REGISTRATION_MODEL``, else
+  :func:`benchmarks.drdm_model.load_or_train_drdm` (``$DRDM_REGISTRATION_MODEL``, else
   ``$DRDM_FEWSHOT_MODEL``, else trained inside the benchmark), sampler ``recovery_stride`` 2.
 - ``random``: for each DRDM triplet, the same source slice with two random smooth fields
   (:func:`random_smooth_field`: Gaussian noise on a control grid every 16 px, bicubic upsampling) scaled so their
@@ -53,7 +53,8 @@ from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from torch import nn
 
-from benchmarks.drdm_fewshot import N_LABELS, ct_slices, drdm_config, load_or_train_drdm
+from benchmarks.drdm_fewshot import N_LABELS, ct_slices
+from benchmarks.drdm_model import drdm_config, load_or_train_drdm
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
 from drdm.fields import compose, folding_fraction

@@ -20,11 +20,12 @@ from benchmarks.drdm_fewshot import (
     evaluate,
     fewshot_split,
     make_arm,
-    make_sampler,
     map_labels,
+    paired_differences,
     top_labels,
     train_segmenter,
 )
+from benchmarks.drdm_model import bank_statistics, make_sampler, recovery_effect
 from benchmarks.drdm_registration import (
     drdm_pairs,
     evaluate_registration,
@@ -163,6 +164,31 @@ def test_segmenter_runs_every_arm_and_reproduces():
             assert seconds >= 0.0 and (seconds > 0.0) == (arm is not None)
         assert dice[0].shape == (N_TOY,) and np.all((dice[0] >= 0) & (dice[0] <= 1))
         np.testing.assert_array_equal(dice[0], dice[1])
+
+
+def test_paired_differences_hand_checked():
+    per_seed = {"none": [0.1, 0.2], "monai": [0.5, 0.7], "drdm": [0.6, 0.6], "both": [0.5, 0.9]}
+    diffs = paired_differences(per_seed)
+    assert set(diffs) == {"drdm", "both"}  # neither the reference nor the unaugmented arm
+    np.testing.assert_allclose(diffs["drdm"], [0.1, -0.1])
+    np.testing.assert_allclose(diffs["both"], [0.0, 0.2])
+
+
+def test_bank_statistics_per_level_and_recovery_effect():
+    images, labels = _toy_volume(1)
+    sampler = _sampler()
+    settings = {**TOY, "t_prime": [8, 40], "bank_size": 2}
+    arm = make_arm("drdm", sampler, settings)
+    assert bank_statistics(arm) == {}  # no bank before the first call
+    arm.set_random_state(0)
+    arm({"image": images[0], "label": labels[0]})
+    stats = bank_statistics(arm)
+    assert sorted(stats) == [8, 40] and all(len(v) == 2 for v in stats.values())
+    mean = {t: np.mean([s["mean_displacement_pct"] for s in v]) for t, v in stats.items()}
+    assert 0.0 < mean[8] < mean[40]  # a later start level draws a larger random field
+    effect = recovery_effect(sampler, images[0], [8, 40], 2)
+    assert sorted(effect) == [8, 40]
+    assert effect[8][0] < effect[40][0] and all(start > 0 and rec > 0 for start, rec in effect.values())
 
 
 def test_evaluate_is_one_for_a_perfect_prediction():
