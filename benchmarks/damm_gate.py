@@ -4,12 +4,13 @@ The README main job's data (synthetic NP tiles with known divergent tiles, ``bun
 autoencoders are trained once (seed 0); the diffusion model is trained for every ``(variant, seed, threads)`` of
 :data:`FULL_PLAN` (gate-training variants of :data:`VARIANTS`; the same iteration budget each time, so the runs
 differ only in what the variant, the seed and the thread count change). Each model is
-evaluated on the whole test split with DDIM-50, the gated sampler under both sampling-time decisions
-(``per_step``, the paper, and ``per_sample``) and the two branches alone (same seed), and scored by:
+evaluated on the whole test split with DDIM-50, the gated sampler under every sampling-time decision of
+:data:`damm.inferers.GATE_DECISIONS` (``per_step``, the paper; ``per_sample``; ``blend``, the soft gate
+``c · multi + (1 - c) · uni``) and the two branches alone (same seed), and scored by:
 
 - AUROC of ``1 - c`` (the gate's confidence averaged over the sampling steps) for divergent tiles;
 - routing: the share of divergent tiles sent to uni and of consistent tiles sent to multi (per-sample decision, or
-  for ``per_step`` whether at least half of a tile's steps went to multi);
+  for ``per_step`` and ``blend`` whether at least half of a tile's steps went to multi, i.e. had ``c >= gamma``);
 - gated PSNR minus the better branch (``max(uni, multi)``) on the consistent and on the divergent subset;
 - the direction of routing (divergent tiles to multi less often than consistent ones) on each thread count.
 
@@ -36,6 +37,7 @@ import numpy as np
 from benchmarks.damm_quality import QUICK as QUALITY_QUICK
 from benchmarks.damm_sampling import auroc
 from benchmarks.timing import figure
+from damm.inferers import GATE_DECISIONS
 
 __all__ = ["FULL_PLAN", "NAME", "SEEDS", "THREADS", "VARIANTS", "run", "run_plan", "run_statistics", "training_summary"]
 
@@ -110,7 +112,8 @@ FULL_PLAN: tuple[tuple[str, int, int], ...] = (
     ("paper", 0, 1),
     ("both", 0, 1),
 )
-DECISIONS = ("per_step", "per_sample")
+#: the sampling-time decisions evaluated (all the inferer offers)
+DECISIONS = GATE_DECISIONS
 SUBSETS = ("consistent", "divergent")
 TARGET_AUROC = 0.85
 TARGET_ROUTING = 80.0
@@ -209,7 +212,7 @@ def run_statistics(res: dict[str, Any], decision: str) -> dict[str, float]:
 
     Args:
         res: :func:`evaluate_run`'s record.
-        decision: ``per_step`` or ``per_sample``.
+        decision: one of :data:`DECISIONS`.
 
     Returns:
         ``auroc``, ``divergent_to_uni`` and ``consistent_to_multi`` (%), ``gated_minus_best_<subset>`` (dB),
@@ -254,7 +257,7 @@ def _figures(runs: list[tuple[dict[str, Any], dict[str, Any]]], quick: bool) -> 
     figs: list[dict] = []
     table: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     for job, res in runs:
-        for decision in DECISIONS:
+        for decision in [d for d in DECISIONS if d in res]:  # a run cached before a decision existed lacks it
             stats = run_statistics(res, decision)
             key = (job["variant"], decision, job["threads"])
             table.setdefault(key, []).append(stats)

@@ -10,7 +10,10 @@ the per-step branch choices and one decision per sample.
 
 The gating decision (``gate_decision``): ``"per_step"`` (the paper) compares ``c`` with ``gamma`` at every step;
 ``"per_sample"`` decides once per sample from ``c`` averaged over the first ``gate_decision_steps`` steps (during
-those steps the running mean of ``c`` so far decides) and keeps that branch for every later step.
+those steps the running mean of ``c`` so far decides) and keeps that branch for every later step; ``"blend"`` uses
+``c · eps_multi + (1 - c) · eps_uni`` at every step (a soft gate: no hard choice, so a doubtful ``c`` near
+``gamma`` averages the two predictions instead of betting on one; the reported choices are then ``c >= gamma``,
+the branch with the larger weight when ``gamma`` = 0.5).
 
 ``network`` is a :class:`damm.model.DAMMModel` (the autoencoders of every modality plus the denoiser) or any
 object with the same attributes (``autoencoders``, ``denoiser``, ``target``, ``conditions``), so that
@@ -40,7 +43,7 @@ from ddcore.precision import autocast, canonical_precision, check_precision
 __all__ = ["BRANCHES", "GATE_DECISIONS", "DAMMInferer", "DAMMSampleOutput"]
 
 BRANCHES = ("damm", "uni", "multi")
-GATE_DECISIONS = ("per_step", "per_sample")
+GATE_DECISIONS = ("per_step", "per_sample", "blend")
 
 
 @dataclass
@@ -54,7 +57,8 @@ class DAMMSampleOutput:
         confidence_map: UAFM confidence ``u`` averaged over steps and samples, resized to the image,
             ``[B, 1, *spatial]`` (``None`` for ``branch="uni"``, which does not run the fusion).
         confidence: confidence ``c`` per input, sample and step, ``[B, K, S]`` (``None`` for ``branch="uni"``).
-        branch_choices: the branch used at every step, ``True`` = multi-modal, ``[B, K, S]`` (bool).
+        branch_choices: the branch used at every step, ``True`` = multi-modal, ``[B, K, S]`` (bool); under
+            ``gate_decision="blend"`` the branch with the larger weight (``c >= gamma``).
         gate_choices: what the DAMMP gate chose at every step (``c >= gamma``, or the per-sample decision under
             ``gate_decision="per_sample"``), ``[B, K, S]``, whatever branch was forced (``None`` for ``branch="uni"``).
         timesteps: the S timesteps visited, in order.
@@ -120,7 +124,7 @@ class DAMMInferer(Inferer):
         keep_samples: keep the K individual samples in the output.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the denoiser and
             autoencoder passes. The name is checked here, the device when sampling (before any work).
-        gate_decision: ``"per_step"`` (the paper) or ``"per_sample"`` (see the module docstring).
+        gate_decision: ``"per_step"`` (the paper), ``"per_sample"`` or ``"blend"`` (see the module docstring).
         gate_decision_steps: steps whose mean ``c`` makes the per-sample decision (at most all steps).
 
     Raises:
@@ -369,7 +373,11 @@ class DAMMInferer(Inferer):
                         c_sum = c_sum + confidence
                     to_multi = c_sum / min(step + 1, window) >= gamma
                 gate = to_multi.cpu()
-                if self.branch == "damm":
+                if self.branch == "damm" and self.gate_decision == "blend":
+                    weight = confidence.clamp(0.0, 1.0).reshape(-1, *([1] * (out.eps_uni.ndim - 1)))
+                    eps = weight * out.eps_multi.float() + (1.0 - weight) * out.eps_uni.float()
+                    choices.append(to_multi.cpu())
+                elif self.branch == "damm":
                     eps = torch.where(
                         to_multi.reshape(-1, *([1] * (out.eps_uni.ndim - 1))),
                         out.eps_multi.float(),

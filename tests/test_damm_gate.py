@@ -260,6 +260,38 @@ def test_per_step_and_per_sample_decisions_on_a_toy_denoiser():
     assert base.replace(gate_decision="per_sample").settings()["gate_decision"] == "per_sample"
 
 
+class _TwoBranchToy(_ToyDenoiser):
+    """Known per-sample confidences; the uni branch predicts 1, the multi-modal branch 3 (every element)."""
+
+    def forward_all(self, x, t, use_uncertainty=True):
+        out = super().forward_all(x, t, use_uncertainty)
+        ones = torch.ones(x.shape[0], 1, *x.shape[2:])
+        return DAMMOutput(ones, 3 * ones, out.confidence_map, out.confidence, out.confidence_map)
+
+
+def test_blend_decision_mixes_the_two_predictions_by_c():
+    steps = list(range(900, -1, -100))
+    toy = _TwoBranchToy([dict.fromkeys(steps, 0.75), dict.fromkeys(steps, 0.25)])
+    net = SimpleNamespace(denoiser=toy)
+    conds = [torch.zeros(2, 1, 2, 2)]
+    base = DAMMInferer(DDPMScheduler(1000), sampler="ddim", num_inference_steps=10, batch_size=None, progress=False)
+    seen = []
+    blend = base.replace(gate_decision="blend")
+    blend._step = lambda sched, eps, t, x, generator: seen.append(eps.clone()) or x  # record what the solver gets
+    res = blend.sample_latents(net, conds)
+    # c = 0.75: 0.75 * 3 + 0.25 * 1 = 2.5; c = 0.25: 0.25 * 3 + 0.75 * 1 = 1.5, at every step
+    assert len(seen) == 10 and all(torch.allclose(e[0], torch.full_like(e[0], 2.5)) for e in seen)
+    assert all(torch.allclose(e[1], torch.full_like(e[1], 1.5)) for e in seen)
+    assert res["choices"][0].all() and not res["choices"][1].any()  # the branch with the larger weight
+    assert res["decision"].tolist() == [True, False]
+    hard = base.replace(gate_decision="per_step")
+    hard_seen = []
+    hard._step = lambda sched, eps, t, x, generator: hard_seen.append(eps.clone()) or x
+    hard.sample_latents(net, conds)
+    assert torch.allclose(hard_seen[0][0], torch.full_like(hard_seen[0][0], 3.0))  # per step: one branch only
+    assert torch.allclose(hard_seen[0][1], torch.full_like(hard_seen[0][1], 1.0))
+
+
 def test_per_sample_decisions_are_reported_per_input_and_per_subset():
     out = DAMMSampleOutput(
         prediction=torch.zeros(2, 1, 2, 2),
@@ -307,7 +339,7 @@ def test_gate_benchmark_scores_hand_computed_runs():
             "multi_step_fraction": [0.0, 0.6, 0.5, 1.0],
         },
     }
-    res["per_sample"] = res["per_step"]
+    res["per_sample"] = res["blend"] = res["per_step"]
     s = run_statistics(res, "per_step")
     assert s["auroc"] == pytest.approx(0.75)
     assert s["divergent_to_uni"] == pytest.approx(50.0)
@@ -316,11 +348,15 @@ def test_gate_benchmark_scores_hand_computed_runs():
     assert s["gated_minus_best_divergent"] == pytest.approx(21.0 - 21.0)  # uni mean 21 is the better branch
     assert s["gated_minus_best_consistent"] == pytest.approx(21.0 - 21.0)
     flipped = {**res, "per_step": {**res["per_step"], "multi_step_fraction": [1.0, 1.0, 0.0, 0.0]}}
-    flipped["per_sample"] = flipped["per_step"]
+    flipped["per_sample"] = flipped["blend"] = flipped["per_step"]
     jobs = [({"variant": "v", "seed": 0, "threads": 1}, res), ({"variant": "v", "seed": 0, "threads": 2}, flipped)]
     figs = {f["name"]: f["value"] for f in _figures(jobs, quick=True)}
     assert figs["v per_step: same routing direction on 1 and 2 threads, every seed"] == 0.0
     assert figs["v per_step 1 thr, mean of 1 seeds: AUROC of 1 - c for divergent tiles"] == pytest.approx(0.75)
+    assert figs["v blend 1 thr, mean of 1 seeds: AUROC of 1 - c for divergent tiles"] == pytest.approx(0.75)
+    cached = {k: v for k, v in res.items() if k != "blend"}  # a run evaluated before the blend decision existed
+    names = [f["name"] for f in _figures([({"variant": "v", "seed": 0, "threads": 1}, cached)], quick=True)]
+    assert names and not any(" blend " in n for n in names)
 
 
 def test_mismatch_auxiliary_changes_only_the_chosen_samples_auxiliary_latents():
