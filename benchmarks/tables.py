@@ -27,6 +27,7 @@ DOCUMENTS: tuple[Path, ...] = (
     ROOT / "README.md",
     ROOT / "bundle" / "docs" / "README.md",
     ROOT / "bundle" / "docs" / "tasks.md",
+    ROOT / "bundle" / "docs" / "augmentation.md",
 )
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
 
@@ -379,6 +380,47 @@ def _gate_brats(rec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_FEWSHOT_FIELD_COLUMNS = (
+    ("mean displacement of the random start field", "random start field, mean"),
+    ("mean displacement of the recovered field", "recovered field, mean"),
+    ("bank: mean displacement", "bank fields, mean"),
+    ("bank: p99 displacement", "bank fields, p99"),
+    ("bank: folding (det J <= 0)", "bank fields, folding"),
+)
+
+
+def _fewshot(rec: dict[str, Any]) -> str:
+    """Issue 19's few-shot table: mean Dice ± seed sd per arm and K, the paired differences to ``monai``; the DRDM
+    fields per start level (% of the slice size; folding as a fraction)."""
+    dice: dict[int, dict[str, str]] = {}
+    paired: dict[int, dict[str, str]] = {}
+    fields: dict[int, dict[str, float]] = {}
+    for fig in rec.get("figures", []):
+        p, name, v = fig.get("params", {}), fig["name"], fig["value"]
+        sd = p.get("sd")
+        if "mean Dice (" in name:
+            dice.setdefault(p["k"], {})[p["arm"]] = f"{v:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+        elif "paired mean Dice difference" in name:
+            paired.setdefault(p["k"], {})[p["arm"]] = f"{v:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+        elif "level" in p:
+            label = name.split(": ", 1)[1]
+            fields.setdefault(p["level"], {})[("bank: " if "bank fields" in name else "") + label] = v
+    arms = ("none", "monai", "drdm", "both")
+    diffs = sorted({a for row in paired.values() for a in row})
+    head = "| K | " + " | ".join([*arms, *(f"{a} minus monai (paired)" for a in diffs)]) + " |"
+    lines = [head, "|" + "---|" * (1 + len(arms) + len(diffs))]
+    for k in sorted(dice):
+        cells = [dice[k].get(a, "") for a in arms] + [paired.get(k, {}).get(a, "") for a in diffs]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if fields:
+        lines += ["", "| T' | " + " | ".join(c[1] for c in _FEWSHOT_FIELD_COLUMNS) + " |"]
+        lines.append("|" + "---|" * (1 + len(_FEWSHOT_FIELD_COLUMNS)))
+        for level, row in sorted(fields.items()):
+            cells = [_f(row.get(key), 4 if "folding" in key else 2) for key, _ in _FEWSHOT_FIELD_COLUMNS]
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: block name -> (record name, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "main_job": ("damm_quality", _main_job),
@@ -391,6 +433,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "task_targets": ("task_brats", _targets_block),
     "task_brats_curve": ("task_brats", _curve_and_ema),
     "task_microscopy_curve": ("task_microscopy", _curve_and_ema),
+    "drdm_fewshot": ("drdm_fewshot", _fewshot),
 }
 
 

@@ -294,3 +294,38 @@ def test_ct_slices_of_the_shared_ct(shared_data):
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert set(labels.unique().tolist()) == set(range(fewshot.N_LABELS + 1))
     assert len(class_ids) == fewshot.N_LABELS and class_ids[0] == 5  # the liver is the largest organ
+
+
+def test_fewshot_table_rows_and_paired_columns():
+    from benchmarks.tables import _fewshot
+
+    figs = [
+        {
+            "name": "fewshot CT K=1 monai: mean Dice (8 organs)",
+            "value": 0.5,
+            "params": {"k": 1, "arm": "monai", "sd": 0.1},
+        },
+        {
+            "name": "fewshot CT K=1 drdm: mean Dice (8 organs)",
+            "value": 0.55,
+            "params": {"k": 1, "arm": "drdm", "sd": 0.2},
+        },
+        {
+            "name": "fewshot CT K=1 drdm minus monai: paired mean Dice difference",
+            "value": 0.05,
+            "params": {"k": 1, "arm": "drdm", "sd": 0.01},
+        },
+        {"name": "fewshot CT K=1 monai: Dice of organ 1 (class 5)", "value": 0.9, "params": {"k": 1, "arm": "monai"}},
+        {"name": "fewshot CT DRDM bank fields T'=16: mean displacement", "value": 1.25, "params": {"level": 16}},
+        {"name": "fewshot CT DRDM bank fields T'=16: folding (det J <= 0)", "value": 0.0, "params": {"level": 16}},
+        {
+            "name": "fewshot CT DRDM T'=16: mean displacement of the recovered field",
+            "value": 1.5,
+            "params": {"level": 16},
+        },
+    ]
+    lines = _fewshot({"figures": figs}).splitlines()
+    assert lines[0] == "| K | none | monai | drdm | both | drdm minus monai (paired) |"
+    assert lines[2] == "| 1 |  | 0.500 ± 0.100 | 0.550 ± 0.200 |  | +0.050 ± 0.010 |"  # organ rows stay out
+    assert lines[-3].startswith("| T' | random start field, mean | recovered field, mean | bank fields, mean |")
+    assert lines[-1] == "| 16 |  | 1.50 | 1.25 |  | 0.0000 |"
