@@ -127,20 +127,15 @@ def make_sampler(network: RecoveryNet, diffusion: DeformationDiffusion, settings
 
 
 def bank_statistics(arm: Compose) -> dict[int, list[dict[str, float]]]:
-    """:func:`drdm.io.deformation_stats` (voxel units) of every field in the arm's DRDM banks, per start level.
-
-    A bank holds ``bank_size`` fields per level, level-major (:class:`drdm.transforms.RandDRDMDeformd`); an arm
-    without a DRDM transform or before its first call gives ``{}``.
-    """
+    """:func:`drdm.io.deformation_stats` (voxel units) of every field in the arm's DRDM banks, per start level
+    (:meth:`drdm.transforms.RandDRDMDeformd.bank_fields`); ``{}`` for an arm without a DRDM bank."""
     drdm = [t for t in arm.transforms if isinstance(t, RandDRDMDeformd)]
-    if not drdm or not drdm[0]._banks:
+    if not drdm:
         return {}
-    transform = drdm[0]
-    out: dict[int, list[dict[str, float]]] = {level: [] for level in transform.bank_levels}
-    for entry in transform._banks.values():
-        for i, field in enumerate(entry["fields"]):
-            out[transform.bank_levels[i // transform.bank_size]].append(deformation_stats(field, [1.0, 1.0]))
-    return out
+    return {
+        level: [deformation_stats(f, [1.0, 1.0]) for image_fields in per_image for f in image_fields]
+        for level, per_image in drdm[0].bank_fields().items()
+    }
 
 
 def recovery_effect(

@@ -150,6 +150,15 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform, InvertibleTransform):
         self._banks.clear()
         return self
 
+    def bank_fields(self) -> dict[int, list[torch.Tensor]]:
+        """The fields the banks hold now, per start level: ``{T': [fields of one image [bank_size, d, *S], ...]}``
+        (voxels, one tensor per banked image); ``{}`` without a bank or before the first call."""
+        out: dict[int, list[torch.Tensor]] = {}
+        for entry in self._banks.values():
+            for i, level in enumerate(self.bank_levels):
+                out.setdefault(level, []).append(entry["fields"][i * self.bank_size : (i + 1) * self.bank_size])
+        return out
+
     def randomize(self, data: Any = None) -> None:
         """Draw whether to apply, the start level and the seed of the random field (the bank slot)."""
         super().randomize(None)

@@ -121,6 +121,11 @@ def test_field_bank_reuse_refresh_and_reproducibility():
     other = dict(item, image=item["image"] + 1.0)  # new content: its own bank
     deform(other)
     assert len(deform._banks) == 2
+    listed = deform.bank_fields()  # per level, one tensor per banked image, the level's rows of its bank
+    assert sorted(listed) == [3, 5] and all(len(v) == 2 for v in listed.values())
+    first = next(iter(deform._banks.values()))["fields"]
+    assert torch.equal(listed[3][0], first[:2]) and torch.equal(listed[5][0], first[2:])
+    assert RandDRDMDeformd("image", sampler, t_prime=3, bank_size=2).bank_fields() == {}
     with pytest.raises(ValueError, match="bank_size"):
         RandDRDMDeformd("image", sampler, bank_size=-1)
 
