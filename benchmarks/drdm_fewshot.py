@@ -40,8 +40,8 @@ recovered field, same draws).
 
 Run: ``python -m benchmarks run --only drdm_fewshot [--quick]``. Full: K = 1, 3, 5 x 3 seeds x 4 arms x 250
 iterations after 2000 DRDM iterations (cosine term about -0.4: the recovery removes only a small part of the
-random field, see the recovery figures), sized for about 30 min on one thread (0.2 s per DRDM iteration, 0.07 s per
-UNet iteration, about 0.4 s per bank field); quick (K = 1, 2 seeds, a few iterations, 64²): a plumbing check.
+random field, see the recovery figures): 1078 s on 2 idle AMD EPYC cores (record of 2026-12-04; the DRDM training
+416 s of it); quick (K = 1, 2 seeds, a few iterations, 64²): a plumbing check.
 """
 
 from __future__ import annotations
