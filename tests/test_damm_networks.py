@@ -114,8 +114,11 @@ def test_batched_gating_equals_per_sample_loop(confidence_source: str) -> None:
 
     for name in ("eps", "eps_uni", "eps_multi", "confidence", "confidence_map"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
+    # gradients reach |g| ~ 40 here: fp32 sums in another order differ by ~1e-6 of the tensor's scale (measured up
+    # to 3e-5 absolute on an AMD EPYC), so the absolute tolerance follows the scale; a sample routed to the wrong
+    # branch changes the gradients by the order of the gradients themselves
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=max(1e-5, 4e-6 * float(rg.abs().max())))
 
 
 def test_batchnorm_option_depends_on_batch_in_training_mode() -> None:
