@@ -204,7 +204,7 @@ def run(quick: bool = False) -> list[dict]:
             )
         )
         for name, rec in results[better]["samplers"].items():
-            p = {**params, "sampler": name, "source": better}
+            p = {**params, "sampler": name, "steps": int(name.rsplit("-", 1)[1]), "source": better}
             figs.append(figure(f"{name} gated sampling time, {rec['all']['n']} test tiles", rec["seconds"], "s", **p))
             figs.append(figure(f"{name} damm PSNR all", rec["all"]["psnr"], "dB", **p))
             figs.append(figure(f"{name} damm SSIM all", rec["all"]["ssim"], "", **p))
