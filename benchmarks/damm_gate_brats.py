@@ -4,10 +4,12 @@ The cross-subject BraTS protocol of :mod:`benchmarks.task_brats` (train the task
 slices, evaluate the whole brain of the other patient, both directions), with the gate trained the way the README
 recommends (:data:`benchmarks.damm_gate.VARIANTS` ``["conditions_gated"]``: the confidence from the clean
 condition latents, trained on genuine against mismatched pairs, the paper's gated branch loss, alpha 1.0) and every
-other setting as in ``task_brats``'s full run. The gated sampler (DDIM-50, per-step decision) and the two branches
-alone are scored on the brain (PSNR, SSIM, MAE); the figures of interest:
+other setting as in ``task_brats``'s full run. The gated sampler (DDIM-50) with the paper's per-step decision
+(``damm``) and with the soft ``blend`` decision (``damm_blend``: ``c * eps_multi + (1 - c) * eps_uni``), both from
+the same trained model, and the two branches alone are scored on the brain (PSNR, SSIM, MAE); the figures of
+interest:
 
-- gated PSNR minus ``max(uni, multi)`` per direction (target of issue 14: >= 0);
+- gated PSNR minus ``max(uni, multi)`` per direction and decision (target of issue 14: >= 0);
 - the fraction of steps the gate sent to the multi-modal branch (every pair of a real subject is genuine, so a
   gate that learnt correspondence should send nearly all of them to multi).
 
@@ -31,17 +33,20 @@ from benchmarks.task_brats import FULL, QUICK, direction_jobs, shared_subjects
 from benchmarks.task_protocol import direction_figures, run_directions
 from benchmarks.timing import figure
 
-__all__ = ["BRANCHES", "NAME", "VARIANT", "gate_figures", "run"]
+__all__ = ["BRANCHES", "GATED", "NAME", "VARIANT", "gate_figures", "run"]
 
 NAME = "damm_gate_brats"
 #: the gate-training variant measured (the README's recommendation).
 VARIANT = "conditions_gated"
-BRANCHES = ("damm", "uni", "multi")
+#: the gated methods evaluated (:func:`damm.tasks.common.evaluation_branch` names) and their gating decision.
+GATED = {"damm": "per_step", "damm_blend": "blend"}
+BRANCHES = (*GATED, "uni", "multi")
 
 
 def gate_figures(label: str, final: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Gated minus the better branch (brain PSNR and SSIM) for one direction (the share of steps on multi is
-    :func:`benchmarks.task_protocol.direction_figures`'s "damm fraction of steps on the multi-modal branch").
+    """Gated minus the better branch (brain PSNR and SSIM) for one direction, per gating decision of :data:`GATED`
+    that the evaluation holds (the share of steps on multi is :func:`benchmarks.task_protocol.direction_figures`'s
+    "damm fraction of steps on the multi-modal branch").
 
     Args:
         label: the direction's label (``"brats flair glioma -> metastasis"``).
@@ -59,19 +64,24 @@ def gate_figures(label: str, final: dict[str, Any], settings: dict[str, Any]) ->
         **VARIANTS[VARIANT],
     }
     figs = []
-    for metric, unit in (("psnr", "dB"), ("ssim", "")):
-        gated = mean["damm"]["brain"][metric]
-        best = max(mean["uni"]["brain"][metric], mean["multi"]["brain"][metric])
-        figs.append(
-            figure(
-                f"{label}: gated minus better branch, brain {metric.upper()}",
-                gated - best,
-                unit,
-                metric=metric,
-                better_branch="uni" if mean["uni"]["brain"][metric] >= mean["multi"]["brain"][metric] else "multi",
-                **common,
+    for method, decision in GATED.items():
+        if method not in mean:
+            continue
+        which = "gated" if decision == "per_step" else f"gated ({decision})"
+        for metric, unit in (("psnr", "dB"), ("ssim", "")):
+            uni, multi = mean["uni"]["brain"][metric], mean["multi"]["brain"][metric]
+            figs.append(
+                figure(
+                    f"{label}: {which} minus better branch, brain {metric.upper()}",
+                    mean[method]["brain"][metric] - max(uni, multi),
+                    unit,
+                    metric=metric,
+                    method=method,
+                    gate_decision=decision,
+                    better_branch="uni" if uni >= multi else "multi",
+                    **common,
+                )
             )
-        )
     return figs
 
 

@@ -358,23 +358,29 @@ def _gate_brats(rec: dict[str, Any]) -> str:
         row = rows.setdefault(direction, {})
         if p.get("region") == "brain" and p.get("metric") in ("psnr", "ssim") and "budget_fraction" not in p:
             row[(p["method"], p["metric"])] = fig["value"]
-        elif "gated minus better branch" in name and p.get("metric") == "psnr":
-            row["delta"], row["better"] = fig["value"], p.get("better_branch")
+        elif "minus better branch" in name and p.get("metric") == "psnr":
+            decision = p.get("gate_decision", "per_step")  # records before the blend decision: per step only
+            row[("delta", decision)], row["better"] = fig["value"], p.get("better_branch")
         elif p.get("method") == "damm" and "fraction of steps on the multi-modal branch" in name:
             row["multi_share"] = 100.0 * fig["value"]
-    methods = ("damm", "uni", "multi", "unet_baseline")
-    head = "| direction | " + " | ".join(f"{m} PSNR / SSIM" for m in methods)
-    head += " | best trivial baseline | gated - better branch (PSNR) | steps to multi |"
-    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    methods = ("damm", "damm_blend", "uni", "multi", "unet_baseline")
+    decisions = ("per_step", "blend")
+    head = "| direction | " + " | ".join(f"{m} PSNR / SSIM" for m in methods) + " | best trivial baseline | "
+    head += " | ".join(f"gated ({d}) - better branch (PSNR)" for d in decisions) + " | steps to multi (per_step) |"
+    lines = [head, "|" + "---|" * (len(methods) + len(decisions) + 3)]
     for direction, row in sorted(rows.items()):
-        cells = [f"{_f(row.get((m, 'psnr')), 2)} dB / {_f(row.get((m, 'ssim')), 3)}" for m in methods]
+        cells = [
+            f"{_f(row.get((m, 'psnr')), 2)} dB / {_f(row.get((m, 'ssim')), 3)}" if (m, "psnr") in row else "—"
+            for m in methods
+        ]
         trivial = {
             k[0]: v for k, v in row.items() if isinstance(k, tuple) and k[0].startswith("copy_") and k[1] == "psnr"
         }
         best = max(trivial.items(), key=lambda kv: kv[1], default=None)
         cells.append(f"{best[0]} {best[1]:.2f} dB" if best else "")
-        delta = row.get("delta")
-        cells.append(f"{delta:+.2f} dB (better: {row.get('better')})" if delta is not None else "")
+        for decision in decisions:
+            delta = row.get(("delta", decision))
+            cells.append(f"{delta:+.2f} dB (better: {row.get('better')})" if delta is not None else "—")
         cells.append(f"{_f(row.get('multi_share'), 1)} %")
         lines.append(f"| {direction} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -421,3 +421,30 @@ def test_correspondence_training_mismatches_in_the_divergence_aware_phase_only()
     assert sum(int(m.sum()) for m in seen[2:]) > 0  # some pairs were mismatched (4 x 4 samples at p = 0.5)
     with pytest.raises(ValueError, match="gate_mismatch_fraction"):
         _trainer(DAMMLoss(gate_training="correspondence"), gate_mismatch_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("damm", {"branch": "damm", "num_samples": 1}),
+        ("uni_mean3", {"branch": "uni", "num_samples": 3}),
+        ("damm_blend", {"branch": "damm", "num_samples": 1, "gate_decision": "blend"}),
+        ("damm_per_sample_mean2", {"branch": "damm", "num_samples": 2, "gate_decision": "per_sample"}),
+    ],
+)
+def test_evaluation_branch_names(name, expected):
+    from damm.tasks.common import evaluation_branch, evaluation_methods
+
+    assert evaluation_branch(name) == expected
+    base = DAMMInferer(DDPMScheduler(1000), sampler="ddim", num_inference_steps=10, batch_size=None, progress=False)
+    inferer = evaluation_methods(SimpleNamespace(), base, [name])[name].inferer
+    assert inferer.branch == expected["branch"] and inferer.num_samples == expected["num_samples"]
+    assert inferer.gate_decision == expected.get("gate_decision", "per_step")
+
+
+@pytest.mark.parametrize("name", ["uni_blend", "damm_hard", "damm_mean0", "damm_meanx", "gated"])
+def test_evaluation_branch_rejects_unknown_names(name):
+    from damm.tasks.common import evaluation_branch
+
+    with pytest.raises(ValueError, match=f"evaluation branch '{name}'"):
+        evaluation_branch(name)

@@ -26,6 +26,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
+from damm.inferers import GATE_DECISIONS
 from ddcore.atomic import atomic_write_json, atomic_write_text
 from ddcore.precision import autocast, autocast_dtype, check_precision
 
@@ -34,6 +35,7 @@ __all__ = [
     "DAMMPredictor",
     "ItemsToTensord",
     "TimeBudget",
+    "evaluation_branch",
     "evaluation_methods",
     "format_results_table",
     "mean_over_subjects",
@@ -291,8 +293,10 @@ def evaluation_methods(
     Args:
         model: the loaded :class:`damm.model.DAMMModel`.
         inferer: the sampler; copied per branch.
-        branches: DAMM branches to evaluate: ``damm``, ``uni``, ``multi``, or ``<branch>_mean<K>`` for the mean of
-            ``K`` samples (e.g. ``damm_mean4``).
+        branches: DAMM branches to evaluate: ``damm``, ``uni``, ``multi``; ``damm_<decision>`` for the gated
+            prediction with another gating decision than the inferer's (``damm_blend``, ``damm_per_sample``,
+            ``damm_per_step``, see :data:`damm.inferers.GATE_DECISIONS`); any of them with ``_mean<K>`` for the mean
+            of ``K`` samples (e.g. ``damm_mean4``, ``damm_blend_mean4``).
         extra_predictors: other methods ``{name: predictor}``.
 
     Returns:
@@ -303,13 +307,36 @@ def evaluation_methods(
     """
     methods: dict[str, Any] = {"autoencoder_ceiling": None}
     for b in branches:
-        branch, _, k = str(b).partition("_mean")  # "damm_mean4": the mean of 4 samples of the gated prediction
-        samples = int(k) if k else 1
-        if samples < 1 or branch not in ("damm", "uni", "multi"):
-            raise ValueError(f"evaluation branch {b!r}: expected damm, uni or multi, optionally with _mean<K>")
-        methods[b] = DAMMPredictor(model, inferer.replace(branch=branch, num_samples=samples))
+        methods[b] = DAMMPredictor(model, inferer.replace(**evaluation_branch(b)))
     methods.update(dict(extra_predictors or {}))
     return methods
+
+
+def evaluation_branch(name: str) -> dict[str, Any]:
+    """The sampler settings an evaluation branch name stands for (see :func:`evaluation_methods`).
+
+    Args:
+        name: ``<branch>[_<gate decision>][_mean<K>]``, e.g. ``uni``, ``damm_mean4``, ``damm_blend``.
+
+    Returns:
+        :meth:`damm.inferers.DAMMInferer.replace` arguments: ``branch``, ``num_samples`` and, where the name gives
+        one, ``gate_decision``.
+
+    Raises:
+        ValueError: an unknown branch or decision, or ``K < 1``.
+    """
+    stem, _, k = str(name).partition("_mean")  # "damm_mean4": the mean of 4 samples of the gated prediction
+    branch, _, decision = stem.partition("_")
+    valid = branch in ("damm", "uni", "multi") and (not decision or (branch == "damm" and decision in GATE_DECISIONS))
+    if not valid or (k and (not k.isdigit() or int(k) < 1)):
+        raise ValueError(
+            f"evaluation branch {name!r}: expected damm, uni or multi, damm_<decision> with a decision in "
+            f"{GATE_DECISIONS}, optionally with _mean<K> (K >= 1)"
+        )
+    out: dict[str, Any] = {"branch": branch, "num_samples": int(k) if k else 1}
+    if decision:
+        out["gate_decision"] = decision
+    return out
 
 
 def pop_branch_statistics(predictor: Any, record: dict[str, Any]) -> None:
