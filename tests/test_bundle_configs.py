@@ -412,3 +412,35 @@ def test_training_uses_the_fused_optimizer_and_keeps_freed_memory(files, optimiz
     init = _read(init_file)["initialize"]
     assert "$ddcore.allocator.keep_freed_memory(@cpu_keep_freed_memory)" in init
     assert _parser(files).get_parsed_content("cpu_keep_freed_memory") is True
+
+
+@pytest.mark.parametrize("crop", [None, [16, 8]])
+def test_autoencoder_trains_on_random_crops_of_the_set_size(tmp_path, crop):
+    # the tiny synthetic dataset (32 px tiles); the crop is one window per item, the same for every modality
+    parser = _parser(
+        ["common.json", "train.json"],
+        bundle_root=str(tmp_path),
+        synthetic_args={"n": 8, "size": 32, "divergent_fraction": 0.3, "seed": 0},
+        ae_crop_size=crop,
+    )
+    dataset = parser.get_parsed_content("autoencoder#dataset")
+    whole = parser.get_parsed_content("autoencoder#validate#dataset")  # validation: whole items
+    keys = parser.get_parsed_content("modalities")
+    item = dataset[0]
+    shape = tuple(item[keys[0]].shape[1:])
+    assert shape == (tuple(crop) if crop else (32, 32))
+    assert all(tuple(item[k].shape[1:]) == shape for k in keys)
+    if crop:
+        ref = whole.transform(dict(dataset.data[0]))  # the same item uncropped (deterministic preprocessing)
+        windows = {
+            (y, x)
+            for y in range(32 - crop[0] + 1)
+            for x in range(32 - crop[1] + 1)
+            if torch.equal(
+                torch.as_tensor(ref[keys[0]])[:, y : y + crop[0], x : x + crop[1]], torch.as_tensor(item[keys[0]])
+            )
+        }
+        assert windows, "the crop is a window of the item"
+        y, x = sorted(windows)[0]
+        for k in keys[1:]:
+            assert torch.equal(torch.as_tensor(ref[k])[:, y : y + crop[0], x : x + crop[1]], torch.as_tensor(item[k]))
