@@ -146,23 +146,25 @@ def _main_job(rec: dict[str, Any]) -> str:
 
 def _autoencoder_lever(rec: dict[str, Any]) -> str:
     """Issue 20's autoencoder levers: one row per arm and iteration budget (the ceiling on the unseen subject)."""
-    head = "| autoencoders | working grid | training items | iterations | parameters | brain PSNR | brain SSIM "
-    head += "| stage 1 time |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = "| autoencoders | downsampling | working grid | training items | iterations | parameters | brain PSNR "
+    head += "| brain SSIM | stage 1 time |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     rows: dict[tuple, dict[str, Any]] = {}
     for fig in rec.get("figures", []):
         p = fig.get("params", {})
         pixdim, crop = p.get("task_pixdim"), p.get("ae_crop_size")
-        key = (p.get("ae_shared"), str(pixdim), str(crop), p.get("ae_iterations"))
+        channels = p.get("ae_channels") or [16, 32, 32]  # records before the arm named it: common.json's
+        key = (p.get("ae_shared"), str(channels), str(pixdim), str(crop), p.get("ae_iterations"))
         row = rows.setdefault(key, {"parameters": p.get("parameters"), "pixdim": pixdim, "crop": crop})
+        row["factor"] = 2 ** (len(channels) - 1)
         row[p.get("metric", "seconds")] = fig["value"]
-    for (shared, _, _, iterations), row in rows.items():
+    for (shared, _, _, _, iterations), row in rows.items():
         label = "one shared by all contrasts" if shared else "one per contrast (paper)"
         grid = f"{row['pixdim'][0]} mm" if row["pixdim"] else "input grid (1 mm)"
         items = f"{row['crop'][0]} px crops" if row["crop"] else "whole slices"
         lines.append(
-            f"| {label} | {grid} | {items} | {iterations} | {row.get('parameters')} | {_f(row.get('psnr'), 2)} | "
-            f"{_f(row.get('ssim'), 3)} | {_f(row.get('seconds', 0) / 60, 1)} min |"
+            f"| {label} | {row['factor']}x | {grid} | {items} | {iterations} | {row.get('parameters')} | "
+            f"{_f(row.get('psnr'), 2)} | {_f(row.get('ssim'), 3)} | {_f(row.get('seconds', 0) / 60, 1)} min |"
         )
     return "\n".join(lines) + "\n"
 

@@ -34,12 +34,27 @@ AE_KEYS = ("ae_channels", "ae_iterations", "ae_batch_size", "ae_val_interval", "
 #: the arms: a label, the overrides of the base settings, and the iteration budgets measured in one resumed run
 #: (``None``: the base ``ae_iterations`` only).
 ARMS = (
-    {"label": "one shared autoencoder", "settings": {"ae_shared": True}, "budgets": None},
-    {"label": "one autoencoder per contrast", "settings": {"ae_shared": False}, "budgets": None},
+    {"label": "one shared autoencoder", "settings": {"ae_shared": True, "ae_channels": [16, 32, 32]}, "budgets": None},
+    {
+        "label": "one autoencoder per contrast",
+        "settings": {"ae_shared": False, "ae_channels": [16, 32, 32]},
+        "budgets": None,
+    },
     {
         "label": "one shared autoencoder at 1 mm on 128 px crops",
-        "settings": {"ae_shared": True, "task_pixdim": None, "ae_crop_size": [128, 128]},
-        "budgets": [300, 600, 1200, 1800],
+        "settings": {"ae_shared": True, "ae_channels": [16, 32, 32], "task_pixdim": None, "ae_crop_size": [128, 128]},
+        "budgets": [300, 600, 1200],
+    },
+    {
+        # 8x in-plane downsampling: at 1 mm its latents have the size of the 4x latents of the 2 mm recipe
+        "label": "one shared 8x autoencoder at 1 mm on 128 px crops",
+        "settings": {
+            "ae_shared": True,
+            "ae_channels": [16, 32, 32, 64],
+            "task_pixdim": None,
+            "ae_crop_size": [128, 128],
+        },
+        "budgets": [300, 600, 1200],
     },
 )
 QUICK_ARMS = (
