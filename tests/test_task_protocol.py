@@ -75,3 +75,34 @@ def test_cross_subject_direction_end_to_end(tmp_path):
     assert ranks == list(range(1, len(methods) + 1))  # every method ranked once
     fractions = {f["params"]["budget_fraction"] for f in figs if "budget_fraction" in f["params"]}
     assert fractions == {0.5, 1.0}
+
+
+def test_autoencoder_arm_figures_curve_and_table():
+    from benchmarks.tables import _autoencoder_lever
+    from benchmarks.task_brats_autoencoder import arm_figures
+
+    def point(iterations, psnr, seconds):
+        return {"iterations": iterations, "seconds": seconds, "metrics": {"psnr": psnr, "ssim": psnr / 40}}
+
+    res = {
+        "label": "one shared 8x autoencoder at 1 mm on 128 px crops",
+        "settings": {"ae_shared": True, "ae_channels": [16, 32, 32, 64], "task_pixdim": None,
+                     "ae_crop_size": [128, 128], "datalist": "/tmp/x.json"},
+        "points": [point(300, 24.0, 60.0), point(1200, 28.0, 240.0)],
+        "parameters": 1234,
+    }  # fmt: skip
+    figs = arm_figures(res)
+    assert len(figs) == 6 and all("datalist" not in f["params"] for f in figs)
+    early = [f for f in figs if "after 300 iterations" in f["name"]]
+    assert len(early) == 3 and all(f["params"]["budget_fraction"] == 0.25 for f in early)
+    final = {f["name"]: f for f in figs if "budget_fraction" not in f["params"]}
+    psnr = final[
+        "brats FLAIR ceiling on the unseen subject, one shared 8x autoencoder at 1 mm on 128 px crops: brain PSNR"
+    ]
+    assert psnr["value"] == 28.0 and psnr["params"]["ae_iterations"] == 1200
+    rows = _autoencoder_lever({"figures": figs}).splitlines()[2:]
+    arm = "| one shared by all contrasts | 8x | input grid (1 mm) | 128 px crops"
+    assert rows == [
+        f"{arm} | 300 | 1234 | 24.00 | 0.600 | 1.0 min |",
+        f"{arm} | 1200 | 1234 | 28.00 | 0.700 | 4.0 min |",
+    ]
