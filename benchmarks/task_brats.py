@@ -8,12 +8,9 @@ trivial baselines) for fixed iteration counts and evaluates the whole brain of t
 the UNet, each source modality mapped linearly and by histogram, and the target autoencoder's reconstruction
 (the ceiling). The protocol and the curve: :mod:`benchmarks.task_protocol`.
 
-Full run (:data:`FULL`): the data's own 1 mm grid, one autoencoder shared by the four contrasts with 8x in-plane
-downsampling (its latents have the size of the 4x latents at 2 mm, so the denoiser costs what it cost at 2 mm)
-trained on random 128 px crops (``ae_crop_size``); both directions in parallel, one thread each. :data:`FULL_2MM`
-is the earlier recipe (2 mm voxels, 4x autoencoder on whole slices; the resampling to 2 mm and back alone limits
-its brain PSNR on the 1 mm input grid, which the ``true FLAIR resampled to 2 mm and back`` figures measure when it
-runs). ``quick=True``: one direction, 4 mm, tiny networks, a few iterations. Run alone with
+Full run: 2 mm voxels (the CPU setting; the resampling to 2 mm and back alone limits the brain PSNR on the 1 mm
+input grid, which the ``true FLAIR resampled to 2 mm and back`` figures measure), both directions in parallel, one
+thread each. ``quick=True``: one direction, 4 mm, tiny networks, a few iterations. Run alone with
 ``python -m benchmarks.task_brats [--quick]``; ``TASK_BENCH_KEEP=DIR`` keeps the trained bundles.
 """
 
@@ -30,7 +27,7 @@ from benchmarks.task_protocol import curve_fractions, direction_figures, run_dir
 from benchmarks.timing import figure
 from data_prep.shared import shared_data_dir
 
-__all__ = ["FULL", "FULL_2MM", "NAME", "QUICK", "direction_jobs", "run", "shared_subjects", "write_datalist"]
+__all__ = ["FULL", "NAME", "QUICK", "direction_jobs", "run", "shared_subjects", "write_datalist"]
 
 NAME = "task_brats"
 
@@ -53,7 +50,7 @@ QUICK = {
     "task_eval_branches": ["damm", "uni", "multi", "damm_mean2"],
     "task_write_outputs": False,
 }
-FULL_2MM = {
+FULL = {
     "ae_shared": True,
     "ae_iterations": 1200,
     "ae_batch_size": 8,
@@ -70,8 +67,6 @@ FULL_2MM = {
     "task_eval_branches": ["damm", "uni", "multi", "damm_mean4"],
     "task_write_outputs": False,
 }
-#: the full run: 1 mm, 8x shared autoencoder on 128 px crops (``benchmarks.task_brats_autoencoder``'s lever)
-FULL = {**FULL_2MM, "task_pixdim": None, "ae_channels": [16, 32, 32, 64], "ae_crop_size": [128, 128]}
 
 
 def _subject(folder: Path, name: str) -> dict[str, Any]:
