@@ -87,7 +87,7 @@ def test_autoencoder_arm_figures_curve_and_table():
     res = {
         "label": "one shared 8x autoencoder at 1 mm on 128 px crops",
         "settings": {"ae_shared": True, "ae_channels": [16, 32, 32, 64], "task_pixdim": None,
-                     "ae_crop_size": [128, 128], "datalist": "/tmp/x.json"},
+                     "ae_crop_size": [128, 128], "datalist": "datalist.json"},
         "points": [point(300, 24.0, 60.0), point(1200, 28.0, 240.0)],
         "parameters": 1234,
     }  # fmt: skip
