@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.damm_gate import VARIANTS
-from benchmarks.task_brats import FULL, QUICK, direction_jobs, shared_subjects
+from benchmarks.task_brats import FULL_2MM, QUICK, direction_jobs, shared_subjects
 from benchmarks.task_protocol import direction_figures, run_directions
 from benchmarks.timing import figure
 
@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[dict]:
     if subjects is None:
         return [figure("damm_gate_brats: shared BraTS subjects absent, nothing measured", 0.0, "")]
     settings = {
-        **(QUICK if quick else FULL),
+        **(QUICK if quick else FULL_2MM),
         **VARIANTS[VARIANT],
         "dm_snapshot_fractions": [],
         "task_eval_branches": list(BRANCHES),

@@ -7,7 +7,7 @@ Trains stage 1 of the task bundle (``train.json`` + ``task_brats.json``) on the 
 parallel, one thread each) and reconstructs the whole brain of the metastasis subject's true FLAIR with each
 (``damm.tasks.common.AutoencoderCeiling``), on its input grid (1 mm), brain-masked, as the task evaluation does.
 At 2 mm the ceiling is bounded by the resampling to 2 mm and back (the ``true FLAIR resampled`` figures of
-``task_brats``); at 1 mm nothing is resampled. Settings: :data:`benchmarks.task_brats.FULL` and :data:`ARMS`.
+``task_brats``); at 1 mm nothing is resampled. Settings: :data:`benchmarks.task_brats.FULL_2MM` and :data:`ARMS`.
 Run alone with ``python -m benchmarks.task_brats_autoencoder [--quick]``.
 """
 
@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks.task_brats import FULL, QUICK, shared_subjects, write_datalist
+from benchmarks.task_brats import FULL_2MM, QUICK, shared_subjects, write_datalist
 from benchmarks.task_protocol import CONFIGS
 from benchmarks.timing import figure
 
@@ -127,7 +127,7 @@ def run(quick: bool = False) -> list[dict]:
     subjects = shared_subjects()
     if subjects is None:
         return [figure("task_brats_autoencoder: shared BraTS subjects absent, nothing measured", 0.0, "")]
-    base = QUICK if quick else FULL
+    base = QUICK if quick else FULL_2MM
     settings = {k: base[k] for k in AE_KEYS if k in base}
     train, test = subjects["glioma"], subjects["metastasis"]
     with tempfile.TemporaryDirectory() as tmp:

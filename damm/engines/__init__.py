@@ -15,7 +15,7 @@ from damm.engines.autoencoder_trainer import (
 )
 from damm.engines.diffusion_trainer import LOGGED_KEYS, DAMMDiffusionTrainer, ForwardAll
 from damm.engines.handlers import ProgressBar, every_n_iterations, scalar_logs
-from damm.engines.latent_cache import LatentCacheDataset, has_random_transform
+from damm.engines.latent_cache import LatentCacheDataset, has_random_transform, latent_crop
 from damm.engines.synthesis import SynthesisEvaluator, describe_scheduler
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "describe_scheduler",
     "every_n_iterations",
     "has_random_transform",
+    "latent_crop",
     "reconstruction_metrics",
     "scalar_logs",
     "to_unit_range",

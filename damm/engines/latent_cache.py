@@ -10,6 +10,10 @@ parsed or its properties are checked) is free, and the autoencoders may be loade
 
 With ``precision="bf16"`` (or ``"fp16"`` on CUDA) the encoders run under ``torch.autocast``; the cached latents are
 always fp32.
+
+A ``latent_transform`` (e.g. a MONAI ``RandSpatialCropd`` over the modality keys: the bundle's ``dm_crop_size``)
+is applied to every sample after the cache, so the denoiser can train on random latent windows of full-resolution
+slices while the cache still holds whole latents.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.transforms import Compose, Randomizable
+from monai.transforms import Compose, Randomizable, RandSpatialCropd
 from torch import nn
 from torch.utils.data import Dataset
 
 from ddcore.precision import autocast, check_precision
 
-__all__ = ["LatentCacheDataset", "has_random_transform"]
+__all__ = ["LatentCacheDataset", "has_random_transform", "latent_crop"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,32 @@ def has_random_transform(transform: Callable | None) -> bool:
     if isinstance(transform, Compose):
         return any(has_random_transform(t) for t in transform.transforms)
     return isinstance(transform, Randomizable)
+
+
+def latent_crop(
+    keys: Sequence[str], crop_size: Sequence[int] | None, downsampling: int, multiple: int = 1
+) -> RandSpatialCropd | None:
+    """The random latent window of the bundle's ``dm_crop_size``: one ``RandSpatialCropd`` window for every key.
+
+    Args:
+        keys: the modality keys cropped together.
+        crop_size: the window in image pixels (``None``: no crop).
+        downsampling: the autoencoder's spatial downsampling factor (image pixels per latent pixel).
+        multiple: the size multiple the denoiser needs in latent pixels.
+
+    Returns:
+        The transform, or ``None`` for ``crop_size=None``.
+
+    Raises:
+        ValueError: a size that is not a positive multiple of ``downsampling * multiple``.
+    """
+    if crop_size is None:
+        return None
+    step = int(downsampling) * int(multiple)
+    sizes = [int(s) for s in crop_size]
+    if any(s <= 0 or s % step for s in sizes):
+        raise ValueError(f"dm_crop_size: expected positive multiples of {step} image pixels, got {list(crop_size)}")
+    return RandSpatialCropd(list(keys), roi_size=[s // int(downsampling) for s in sizes], random_size=False)
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -68,6 +98,8 @@ class LatentCacheDataset(Dataset):
             subset).
         progress: show a progress bar while encoding.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast dtype of the encoding.
+        latent_transform: applied to each sample's ``{modality: latent}`` after the cache (default ``None``: the
+            whole latents), e.g. a random crop with one window for every modality.
 
     Raises:
         ValueError: empty ``data`` or ``keys``, a key without autoencoder, an unknown ``precision`` or one
@@ -86,6 +118,7 @@ class LatentCacheDataset(Dataset):
         keep_fields: Sequence[str] = ("divergent",),
         progress: bool = True,
         precision: str = "fp32",
+        latent_transform: Callable | None = None,
     ) -> None:
         precision = check_precision(precision, device, setting="precision")
         if len(data) == 0:
@@ -105,6 +138,7 @@ class LatentCacheDataset(Dataset):
         self.keep_fields = list(keep_fields)
         self.progress = progress
         self.precision = precision
+        self.latent_transform = latent_transform
         self._latents: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -163,6 +197,9 @@ class LatentCacheDataset(Dataset):
             data = self.transform(dict(item))
             enc = self._encode({k: [data[k]] for k in self.keys})
             sample = {k: enc[k][0] for k in self.keys}
+        if self.latent_transform is not None:
+            sample = dict(self.latent_transform(sample))
+            sample.update({k: _plain(sample[k]) for k in self.keys})
         for f in self.keep_fields:
             if f in item:
                 sample[f] = item[f]
