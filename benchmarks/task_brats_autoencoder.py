@@ -75,6 +75,7 @@ def _train_and_measure(job: dict[str, Any]) -> dict[str, Any]:
     from monai.bundle import ConfigWorkflow
 
     from damm.model import load_autoencoders
+    from damm.stages import read_training_times
     from damm.tasks.brats_subject import synthesise_subject, voxels
     from damm.tasks.common import AutoencoderCeiling
     from damm.tasks.metrics import region_metrics, to_unit
@@ -98,10 +99,12 @@ def _train_and_measure(job: dict[str, Any]) -> dict[str, Any]:
         )
         wf.initialize()
         final = Path(wf.parser.get_parsed_content("ae_final_path"))
-        final.unlink(missing_ok=True)  # the previous budget's export: the stage resumes from its checkpoint
         t0 = time.perf_counter()
-        wf.run()
+        wf.run()  # a larger budget than the recorded one: the stage resumes from its last checkpoint
         seconds += time.perf_counter() - t0
+        trained = read_training_times(final.parent).get("stage 1 (autoencoders)", {}).get("iterations")
+        if trained != budget:
+            raise RuntimeError(f"{job['label']}: stage 1 trained {trained} iterations, expected the budget {budget}")
         aes = load_autoencoders(wf.parser.get_parsed_content("autoencoders"), final)
         task = wf.parser.get_parsed_content("task#data")
         prep = task.prepare({k: test[k] for k in ("t2", "t1", "t1c", "flair")}, test["subject"])
