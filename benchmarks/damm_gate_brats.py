@@ -2,12 +2,12 @@
 
 The cross-subject BraTS protocol of :mod:`benchmarks.task_brats` (train the task bundle on one patient's axial
 slices, evaluate the whole brain of the other patient, both directions), with the gate trained the way the README
-recommends (:data:`benchmarks.damm_gate.VARIANTS` ``["conditions_gated"]``: the confidence from the clean
-condition latents, trained on genuine against mismatched pairs, the paper's gated branch loss, alpha 1.0) and every
-other setting as in ``task_brats``'s full run. The gated sampler (DDIM-50) with the paper's per-step decision
-(``damm``) and with the soft ``blend`` decision (``damm_blend``: ``c * eps_multi + (1 - c) * eps_uni``), both from
-the same trained model, and the two branches alone are scored on the brain (PSNR, SSIM, MAE); the figures of
-interest:
+recommends (:data:`benchmarks.damm_gate.VARIANTS` ``["conditions_gated"]``: the confidence from the clean condition
+latents, trained on genuine against mismatched pairs, the paper's gated branch loss, alpha 1.0) and every other
+setting as in ``task_brats``'s 2 mm recipe (``FULL_2MM``, the recipe this check was measured with). The gated
+sampler (DDIM-50) with the paper's per-step decision (``damm``) and with the soft ``blend`` decision
+(``damm_blend``: ``c * eps_multi + (1 - c) * eps_uni``), both from the same trained model, and the two branches
+alone are scored on the brain (PSNR, SSIM, MAE); the figures of interest:
 
 - gated PSNR minus ``max(uni, multi)`` per direction and decision (target of issue 14: >= 0);
 - the fraction of steps the gate sent to the multi-modal branch (every pair of a real subject is genuine, so a

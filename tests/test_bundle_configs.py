@@ -444,3 +444,27 @@ def test_autoencoder_trains_on_random_crops_of_the_set_size(tmp_path, crop):
         y, x = sorted(windows)[0]
         for k in keys[1:]:
             assert torch.equal(torch.as_tensor(ref[k])[:, y : y + crop[0], x : x + crop[1]], torch.as_tensor(item[k]))
+
+
+@pytest.mark.parametrize("crop", [None, [32, 16]])
+def test_denoiser_trains_on_latent_windows_of_the_set_size(tmp_path, crop):
+    # dm_crop_size is in image pixels; the window on the latents is that over the autoencoder's downsampling
+    parser = _parser(["common.json", "train.json"], bundle_root=str(tmp_path), dm_crop_size=crop)
+    cropper = parser.get_parsed_content("train#dataset").latent_transform
+    if crop is None:
+        assert cropper is None
+        return
+    down = 2 ** (len(parser.get_parsed_content("ae_channels")) - 1)
+    assert list(cropper.cropper.roi_size) == [c // down for c in crop] and not cropper.cropper.random_size
+    assert list(cropper.keys) == list(parser.get_parsed_content("modalities"))
+
+
+def test_bad_denoiser_crop_size_is_one_line_naming_the_setting(tmp_path):
+    parser = _parser(["common.json", "train.json"], bundle_root=str(tmp_path), dm_crop_size=[12, 16])
+    with pytest.raises(Exception) as info:  # MONAI wraps the expression's error; the CLI prints the cause
+        parser.get_parsed_content("train#dataset")
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError)
+    assert str(cause) == "dm_crop_size: expected positive multiples of 16 image pixels, got [12, 16]"

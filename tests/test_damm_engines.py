@@ -14,6 +14,7 @@ from damm.engines import (
     DAMMDiffusionTrainer,
     LatentCacheDataset,
     build_perceptual_loss,
+    latent_crop,
 )
 from damm.inferers import DAMMInferer
 from damm.losses import DAMMLoss
@@ -120,6 +121,37 @@ def test_latent_cache_encodes_once_scaled(spatial_dims):
         expected = aes["vessel"].encode(x["vessel"][None])[0] * 2.0
     assert torch.allclose(s0["vessel"], expected, atol=1e-5)
     assert s0["divergent"] is True and s0["np_signal"].shape == (2, *(s // 2 for s in size))
+
+
+class _Subsample(torch.nn.Module):
+    """A stand-in autoencoder whose latent is the image subsampled 4x (pixel values stay traceable)."""
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::4, ::4]
+
+
+def test_latent_crop_cuts_one_window_for_every_modality_after_the_cache() -> None:
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 64, 64)
+    items = [dict.fromkeys(KEYS, ramp + 1000 * i) for i in range(3)]
+    crop = latent_crop(KEYS, [32, 16], downsampling=4, multiple=2)
+    ds = LatentCacheDataset(items, dict, {k: _Subsample() for k in KEYS}, KEYS, progress=False, latent_transform=crop)
+    crop.set_random_state(seed=int(torch.randint(0, 1000, (1,), generator=g)))
+    whole = ds.build()
+    assert whole[KEYS[0]].shape == (3, 1, 16, 16)  # the cache keeps whole latents
+    seen = set()
+    for _ in range(6):
+        s = ds[1]
+        assert all(s[k].shape == (1, 8, 4) and type(s[k]) is torch.Tensor for k in KEYS)
+        assert all(torch.equal(s[k], s[KEYS[0]]) for k in KEYS)  # the same window for every modality
+        q = int(s[KEYS[0]][0, 0, 0]) - 1000  # item 1's image value at (4y, 4x) is 1000 + 4y * 64 + 4x
+        y, x = q // 256, (q % 256) // 4
+        assert torch.equal(s[KEYS[0]], whole[KEYS[0]][1][:, y : y + 8, x : x + 4])
+        seen.add((y, x))
+    assert len(seen) > 1  # random windows
+    assert latent_crop(KEYS, None, 4) is None
+    with pytest.raises(ValueError, match="dm_crop_size: expected positive multiples of 8"):
+        latent_crop(KEYS, [30, 32], downsampling=4, multiple=2)
 
 
 def _diffusion_setup(tmp_path, max_epochs=2, start=2):
