@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.task_protocol import bundle_default
 from ddcore.atomic import atomic_write_text
 
 __all__ = ["DOCUMENTS", "RENDERERS", "check", "render", "update"]
@@ -153,7 +154,7 @@ def _autoencoder_lever(rec: dict[str, Any]) -> str:
     for fig in rec.get("figures", []):
         p = fig.get("params", {})
         pixdim, crop = p.get("task_pixdim"), p.get("ae_crop_size")
-        channels = p.get("ae_channels") or [16, 32, 32]  # records before the arm named it: common.json's
+        channels = p.get("ae_channels") or bundle_default("ae_channels")  # records before the arm named it
         key = (p.get("ae_shared"), str(channels), str(pixdim), str(crop), p.get("ae_iterations"))
         row = rows.setdefault(key, {"parameters": p.get("parameters"), "pixdim": pixdim, "crop": crop})
         row["factor"] = 2 ** (len(channels) - 1)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.task_brats import FULL_2MM, QUICK, shared_subjects, write_datalist
-from benchmarks.task_protocol import CONFIGS
+from benchmarks.task_protocol import CONFIGS, bundle_default
 from benchmarks.timing import figure
 
 __all__ = ["ARMS", "NAME", "arm_figures", "run"]
@@ -33,16 +33,17 @@ AE_KEYS = ("ae_channels", "ae_iterations", "ae_batch_size", "ae_val_interval", "
            "task_pixdim")  # fmt: skip
 #: the arms: a label, the overrides of the base settings, and the iteration budgets measured in one resumed run
 #: (``None``: the base ``ae_iterations`` only).
+AE_CHANNELS = bundle_default("ae_channels")  # the bundle's 4x autoencoder
 ARMS = (
-    {"label": "one shared autoencoder", "settings": {"ae_shared": True, "ae_channels": [16, 32, 32]}, "budgets": None},
+    {"label": "one shared autoencoder", "settings": {"ae_shared": True, "ae_channels": AE_CHANNELS}, "budgets": None},
     {
         "label": "one autoencoder per contrast",
-        "settings": {"ae_shared": False, "ae_channels": [16, 32, 32]},
+        "settings": {"ae_shared": False, "ae_channels": AE_CHANNELS},
         "budgets": None,
     },
     {
         "label": "one shared autoencoder at 1 mm on 128 px crops",
-        "settings": {"ae_shared": True, "ae_channels": [16, 32, 32], "task_pixdim": None, "ae_crop_size": [128, 128]},
+        "settings": {"ae_shared": True, "ae_channels": AE_CHANNELS, "task_pixdim": None, "ae_crop_size": [128, 128]},
         "budgets": [300, 600, 1200],
     },
     {

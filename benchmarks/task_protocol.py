@@ -26,9 +26,14 @@ from typing import Any
 from benchmarks.timing import figure
 from data_prep.shared import REPO_ROOT
 
-__all__ = ["CONFIGS", "curve_fractions", "direction_figures", "run_direction", "run_directions"]
+__all__ = ["CONFIGS", "bundle_default", "curve_fractions", "direction_figures", "run_direction", "run_directions"]
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
+
+
+def bundle_default(key: str, config: str = "common.json") -> Any:
+    """A setting's default as the bundle config ``config`` defines it (the single definition benchmarks read)."""
+    return json.loads((CONFIGS / config).read_text())[key]
 
 
 def curve_fractions(settings: dict[str, Any]) -> list[float]:
