@@ -153,7 +153,9 @@ class TrainingStage:
                 f"{self.name}: already finished ({self.final_path}); skipping. Set the retrain flag to train again.",
             )
             return False
+        earlier = 0.0  # a resumed budget's training time adds to the recorded one
         if self.final_path.is_file() and not self.retrain:
+            earlier = float(read_training_times(self.final_path.parent).get(self.name, {}).get("seconds") or 0.0)
             rank_zero_info(
                 logger,
                 f"{self.name}: {self.final_path} was trained for fewer than {self.iterations} iterations; resuming "
@@ -171,7 +173,7 @@ class TrainingStage:
         rank_zero_info(logger, f"{self.name}: training")
         self.trainer.run()
         self.export()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + earlier
         state = getattr(self.trainer, "state", None)
         iteration = getattr(state, "iteration", None)
         record_training_time(self.final_path.parent, self.name, seconds, iteration, self.iterations)

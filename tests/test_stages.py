@@ -52,6 +52,8 @@ def test_stage_trains_then_skips_at_the_same_budget(tmp_path: Path) -> None:
 def test_stage_resumes_for_a_larger_budget_and_keeps_the_old_final_until_export(tmp_path: Path) -> None:
     trainer = _Trainer(stop_at=4)
     _stage(tmp_path, trainer, 4).run()
+    first_seconds = 100.0
+    record_training_time(tmp_path / "models", "stage", first_seconds, 4, 4)
     final = tmp_path / "models" / "model.pt"
     seen = []
     trainer.run = lambda: (seen.append(final.read_text()), setattr(trainer.state, "iteration", 8))  # type: ignore
@@ -62,6 +64,7 @@ def test_stage_resumes_for_a_larger_budget_and_keeps_the_old_final_until_export(
     assert final.read_text() == "8"
     entry = read_training_times(tmp_path / "models")["stage"]
     assert (entry["iterations"], entry["budget"]) == (8, 8)
+    assert entry["seconds"] >= first_seconds  # the resumed budget's time adds to the first one's
     assert _stage(tmp_path, trainer, 8).finished()
 
 
